@@ -1,0 +1,250 @@
+"""Behaviour policies: pure functions on log-probability tensors of shape [..., V].
+
+The trust-region blend (method.md section 2):
+
+    mu*(.|h) = argmin_mu KL(mu || pi_T)  s.t.  KL(mu || pi_S) <= eps
+    log mu_beta = (1 - beta) log pi_S + beta log pi_T - log Z(beta)
+
+with beta* the largest beta in [0, 1] whose blend satisfies the constraint. With
+r = log pi_T - log pi_S, KL(mu_beta || pi_S) = beta * E_mu[r] - log E_S[exp(beta r)], which is
+non-decreasing in beta (its derivative is beta * Var_mu[r]), so the feasible set is [0, beta*]
+and a bracket search is valid.
+
+Also here: the other samplers the paper compares (SKD token interleaving, temperature scaling),
+EOS canonicalisation, and Gumbel-max sampling. No I/O, no config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+# Bisection halves [0, 1] this many times: bracket width 2**-24 ~ 6e-8, far below the 1e-4
+# maximality the tests demand, while staying a fixed-shape loop (no host sync, graph-capturable).
+SEARCH_ITERS = 24
+
+
+def _as_work(x: torch.Tensor) -> torch.Tensor:
+    """Promote to float32 (or keep float64) for the reductions."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def kl_divergence(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row.
+
+    Args: p_logprobs, q_logprobs: [..., V] normalised log-probabilities (any float dtype).
+    Returns: [...] in float32 (float64 if an input is float64). Tokens with p = 0 contribute 0
+    (no 0 * inf NaN); a token with p > 0 and q = 0 makes the row +inf, as it should.
+    """
+    p = _as_work(p_logprobs)
+    q = _as_work(q_logprobs).to(p.dtype)
+    prob = p.exp()
+    terms = torch.where(prob > 0, prob * (p - q), torch.zeros((), dtype=p.dtype, device=p.device))
+    return terms.sum(-1)
+
+
+def _mix(s: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """(1 - beta) s + beta t, unnormalised, with exact endpoints and -inf kept as -inf."""
+    b = beta.unsqueeze(-1)
+    inner = torch.lerp(s, t, b)  # s + b (t - s); NaN where both are -inf or 0*inf: fixed below
+    # A token that either model gives probability 0 stays 0 for beta in (0, 1).
+    dead = torch.isneginf(s) | torch.isneginf(t)
+    inner = inner.masked_fill(dead, NEG_INF)
+    out = torch.where(b == 0, s, torch.where(b == 1, t, inner))
+    return out
+
+
+def blend_logprobs(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, beta: torch.Tensor | float
+) -> torch.Tensor:
+    """log mu_beta = log_softmax((1 - beta) log pi_S + beta log pi_T).
+
+    Args: student_logprobs, teacher_logprobs: [..., V] log-probabilities; beta: [...] or a float
+    in [0, 1]. Returns: [..., V] normalised log-probabilities in float32 (float64 if given).
+    beta = 0 returns pi_S and beta = 1 returns pi_T exactly (up to renormalisation).
+    """
+    s = _as_work(student_logprobs)
+    t = _as_work(teacher_logprobs).to(s.dtype)
+    beta = torch.as_tensor(beta, dtype=s.dtype, device=s.device).expand(s.shape[:-1])
+    return torch.log_softmax(_mix(s, t, beta), dim=-1)
+
+
+def _kl_at(s: torch.Tensor, r: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """KL(mu_beta || pi_S) for beta in (0, 1], from s = log pi_S and r = log pi_T - log pi_S.
+
+    Computed as sum mu * (log mu - log pi_S) on the normalised blend, which keeps the tiny-KL
+    regime accurate (no cancellation between two large terms).
+    """
+    b = beta.unsqueeze(-1)
+    z = s + b * r  # -inf where either model is 0
+    log_mu = torch.log_softmax(z, dim=-1)
+    mu = log_mu.exp()
+    diff = log_mu - s
+    terms = torch.where(mu > 0, mu * diff, torch.zeros((), dtype=s.dtype, device=s.device))
+    return terms.sum(-1)
+
+
+def trust_region_beta(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    eps: float | torch.Tensor,
+    iters: int = SEARCH_ITERS,
+) -> torch.Tensor:
+    """The largest beta in [0, 1] with KL(mu_beta || pi_S) <= eps, per row.
+
+    Args:
+        student_logprobs, teacher_logprobs: [..., V] normalised log-probabilities (any float
+            dtype; the search itself runs in float64).
+        eps: trust-region budget, a float or a tensor broadcastable to [...]; must be >= 0.
+        iters: bisection halvings of [0, 1] (fixed: no data-dependent control flow).
+    Returns:
+        beta: [...] float32 (float64 if an input is float64). Guarantees: eps == 0 gives exactly 0; rows with
+        KL(pi_T || pi_S) <= eps give exactly 1; otherwise beta is the low (feasible) end of the
+        final bracket, so the constraint holds as evaluated in the working precision, and beta is
+        within 2**-iters of the boundary.
+    """
+    # float64: KL(mu_beta || pi_S) of a small budget is a second-order quantity (beta^2 Var/2)
+    # summed from first-order terms; in float32 that cancellation costs ~1% of eps = 1e-6.
+    s = student_logprobs.double()
+    t = teacher_logprobs.double()
+    batch_shape = s.shape[:-1]
+    eps_t = torch.as_tensor(eps, dtype=s.dtype, device=s.device).expand(batch_shape)
+    # Tokens the student gives probability 0 never enter mu_beta for beta < 1: zero their r.
+    s_dead = torch.isneginf(s)
+    r = torch.where(s_dead, torch.zeros((), dtype=s.dtype, device=s.device), t - s)
+    # t = -inf where s is finite -> r = -inf: that token leaves mu_beta for any beta > 0.
+    # mu_beta is unchanged by r -> r - c. Centring r on the student's mode keeps the dominant
+    # logit of s + beta r near log pi_S(mode), so tiny KLs of peaked rows survive float32.
+    r_mode = r.gather(-1, s.argmax(-1, keepdim=True))
+    r = torch.where(torch.isfinite(r_mode), r - r_mode, r)
+
+    kl_full = kl_divergence(t, s)  # KL(pi_T || pi_S): the beta = 1 check
+    lo = torch.zeros(batch_shape, dtype=s.dtype, device=s.device)
+    hi = torch.ones(batch_shape, dtype=s.dtype, device=s.device)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        feasible = _kl_at(s, r, mid) <= eps_t
+        lo = torch.where(feasible, mid, lo)
+        hi = torch.where(feasible, hi, mid)
+    beta = torch.where(kl_full <= eps_t, torch.ones_like(lo), lo)
+    beta = torch.where(eps_t > 0, beta, torch.zeros_like(beta))
+    out_dtype = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
+    # rounding down to float32 keeps the feasible side (KL is monotone in beta)
+    return _round_down(beta, out_dtype)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = x.to(dtype)
+    if dtype == x.dtype:
+        return y
+    too_big = y.double() > x
+    return torch.where(too_big, torch.nextafter(y, torch.zeros_like(y)), y)
+
+
+def trust_region_blend(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, eps: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log mu, beta, KL(mu || pi_S)) of the trust-region behaviour policy, computed in float64.
+
+    Shapes: inputs [..., V]; returns [..., V], [...], [...] in float32 (float64 if given).
+    """
+    s, t = student_logprobs.double(), teacher_logprobs.double()
+    beta = trust_region_beta(s, t, eps)
+    log_mu = blend_logprobs(s, t, beta)
+    kl = kl_divergence(log_mu, s)
+    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
+    # beta and the realised KL are rounded towards 0 so a recorded KL never exceeds eps
+    return log_mu.to(out), _round_down(beta, out), _round_down(kl, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other samplers of the paper
+# ---------------------------------------------------------------------------------------------
+
+
+def temperature_logprobs(logprobs: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """log_softmax(logprobs / tau): the distribution a sampler at temperature tau draws from.
+
+    Shapes: [..., V] -> [..., V]; temperature: float or [...] (> 0).
+    """
+    x = _as_work(logprobs)
+    tau = torch.as_tensor(temperature, dtype=x.dtype, device=x.device)
+    if tau.ndim > 0:
+        tau = tau.unsqueeze(-1)
+    return torch.log_softmax(x / tau, dim=-1)
+
+
+def topk_mask(logprobs: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [..., V]: True on each row's top-k tokens (ties broken by torch.topk)."""
+    k = min(int(k), logprobs.shape[-1])
+    idx = logprobs.topk(k, dim=-1).indices
+    mask = torch.zeros_like(logprobs, dtype=torch.bool)
+    return mask.scatter_(-1, idx, True)
+
+
+def skd_behavior_logprobs(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, top_k: int, teacher_temperature: float
+) -> torch.Tensor:
+    """Closed-form distribution of SKD's emitted token (method.md section 5).
+
+    The student proposes y ~ pi_S; y is kept when it is in the teacher's top-K, otherwise it is
+    replaced by a fresh sample from pi_T at temperature tau_T. Hence
+        mu(a) = pi_S(a) 1[a in topK_T] + pi_S(outside topK_T) * pi_T^tau(a).
+    Shapes: [..., V] -> [..., V] log-probabilities (float32).
+    """
+    s = _as_work(student_logprobs)
+    t = _as_work(teacher_logprobs).to(s.dtype)
+    keep = topk_mask(t, top_k)
+    kept = s.masked_fill(~keep, NEG_INF)
+    log_out = torch.logsumexp(s.masked_fill(keep, NEG_INF), dim=-1, keepdim=True)  # log P(replace)
+    replaced = log_out + temperature_logprobs(t, teacher_temperature)
+    return torch.logaddexp(kept, replaced)
+
+
+def skd_sample(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    top_k: int,
+    teacher_temperature: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SKD step: student token, replaced by a teacher sample when outside the teacher top-K.
+
+    Shapes: [..., V] -> (tokens [...] int64, replaced [...] bool).
+    """
+    proposal = sample_from_logprobs(student_logprobs, generator)
+    keep = topk_mask(_as_work(teacher_logprobs), top_k).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+    teacher_tok = sample_from_logprobs(temperature_logprobs(teacher_logprobs, teacher_temperature), generator)
+    return torch.where(keep, proposal, teacher_tok), ~keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared stop event and sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def canonicalize_eos(logprobs: torch.Tensor, stop_ids: list[int], canonical_id: int) -> torch.Tensor:
+    """Move the mass of every stop id onto one canonical id (method.md section 4).
+
+    Student and teacher may end sequences with different ids; after this both put their whole
+    stop probability on `canonical_id` and give 0 to the other stop ids, so blending and the
+    loss compare like with like. Shapes: [..., V] -> [..., V]; a no-op for a single stop id.
+    """
+    others = [i for i in dict.fromkeys(stop_ids) if i != canonical_id]
+    if not others:
+        return logprobs
+    ids = torch.tensor([canonical_id, *others], device=logprobs.device)
+    stop_mass = torch.logsumexp(logprobs.index_select(-1, ids), dim=-1)
+    out = logprobs.index_fill(-1, ids[1:], NEG_INF)
+    return out.index_copy(-1, ids[:1], stop_mass.unsqueeze(-1))
+
+
+def sample_from_logprobs(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel-max sample from each row of [..., V] log-probabilities -> [...] int64.
+
+    Draws its uniforms from `generator` (on the tensor's device) so runs are reproducible.
+    """
+    u = torch.rand(logprobs.shape, generator=generator, device=logprobs.device, dtype=torch.float32)
+    gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+    return (_as_work(logprobs) + gumbel.to(_as_work(logprobs).dtype)).argmax(-1)

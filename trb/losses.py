@@ -1,0 +1,181 @@
+"""Distillation losses: reverse-KL estimators, forward KL, the Veto target, and a chunked driver.
+
+All per-position functions take rows of log-probabilities [N, V] (one row per response
+position) and return per-row tensors [N]: a *surrogate* whose gradient is the estimator's
+gradient, and the estimator's *value* (detached) for logging. The caller averages over
+response tokens (token-mean, method.md section 1).
+
+Estimators of KL(pi_theta(.|h) || pi_T(.|h)):
+  full     exact sum over the vocabulary.
+  topk     the paper's actor-side top-k support S_k (default k = 16): weights w_a = student
+           probability renormalised over S_k, gradient sum_a w_a (s_a - t_a) grad s_a with w and
+           the log-ratio held constant. Equals `full` in value and gradient when k = V.
+  sampled  single-sample estimator log pi_S(y) - log pi_T(y) used as a stop-gradient advantage
+           in a policy-gradient loss (never as a direct loss: its expected gradient is zero),
+           optionally importance-weighted by pi_S(y) / mu(y) for tokens a blended sampler drew.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trb.blend import canonicalize_eos
+
+ESTIMATORS = ("full", "topk", "sampled")
+
+
+def _safe_prod(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w * x with 0 wherever w == 0 (so 0 * inf from zero-probability tokens stays 0)."""
+    return torch.where(w > 0, w * x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def reverse_kl_full(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor):
+    """Exact KL(pi_S || pi_T) per row. [N, V] -> (surrogate [N], value [N])."""
+    kl = _safe_prod(student_logprobs.exp(), student_logprobs - teacher_logprobs).sum(-1)
+    return kl, kl.detach()
+
+
+def reverse_kl_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, k: int = 16):
+    """Student top-k truncated reverse KL per row. [N, V] -> (surrogate [N], value [N])."""
+    k = min(int(k), student_logprobs.shape[-1])
+    s_det = student_logprobs.detach()
+    idx = s_det.topk(k, dim=-1).indices
+    s_k = student_logprobs.gather(-1, idx)
+    t_k = teacher_logprobs.detach().gather(-1, idx)
+    w = torch.softmax(s_det.gather(-1, idx), dim=-1)
+    log_ratio = s_k.detach() - t_k
+    value = _safe_prod(w, log_ratio).sum(-1)
+    score = _safe_prod(w, log_ratio * s_k).sum(-1)  # gradient: sum_a w_a log_ratio_a grad s_a
+    surrogate = value + score - score.detach()
+    return surrogate, value
+
+
+def reverse_kl_sampled(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tokens: torch.Tensor,
+    behavior_logprobs: torch.Tensor | None = None,
+    importance_weight: bool = True,
+    max_weight: float = 10.0,
+):
+    """Policy-gradient single-sample estimator per row.
+
+    Args: student/teacher log-probs [N, V]; tokens [N] the sampled ids y; behavior_logprobs [N]
+    log mu(y) of the sampler that drew y (None = the student itself); importance weights
+    pi_S(y) / mu(y) are clipped at `max_weight`. Returns (surrogate [N], value [N]).
+    """
+    s_y = student_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    t_y = teacher_logprobs.detach().gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    log_ratio = s_y.detach() - t_y
+    weight = torch.ones_like(log_ratio)
+    if importance_weight and behavior_logprobs is not None:
+        weight = (s_y.detach() - behavior_logprobs.to(s_y.dtype)).exp().clamp(max=max_weight)
+    value = weight * log_ratio
+    score = weight * log_ratio * s_y
+    return value + score - score.detach(), value
+
+
+def forward_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor):
+    """Exact KL(pi_T || pi_S) per row (supervised direction). [N, V] -> (surrogate, value)."""
+    kl = _safe_prod(teacher_logprobs.detach().exp(), teacher_logprobs.detach() - student_logprobs).sum(-1)
+    return kl, kl.detach()
+
+
+def veto_target(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, b: float) -> torch.Tensor:
+    """Veto's target log q, q proportional to p_T * p_S^B with p_S held constant. [N, V] -> [N, V]."""
+    if b == 0:
+        return teacher_logprobs
+    return torch.log_softmax(teacher_logprobs + b * student_logprobs.detach(), dim=-1)
+
+
+def token_loss(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    estimator: str = "topk",
+    *,
+    k: int = 16,
+    tokens: torch.Tensor | None = None,
+    behavior_logprobs: torch.Tensor | None = None,
+    importance_weight: bool = True,
+):
+    """Dispatch to one reverse-KL estimator. [N, V] -> (surrogate [N], value [N])."""
+    if estimator == "full":
+        return reverse_kl_full(student_logprobs, teacher_logprobs)
+    if estimator == "topk":
+        return reverse_kl_topk(student_logprobs, teacher_logprobs, k)
+    if estimator == "sampled":
+        if tokens is None:
+            raise ValueError("loss estimator 'sampled' needs the sampled tokens")
+        return reverse_kl_sampled(student_logprobs, teacher_logprobs, tokens, behavior_logprobs, importance_weight)
+    if estimator == "forward":
+        return forward_kl(student_logprobs, teacher_logprobs)
+    raise ValueError(f"loss.estimator must be one of {', '.join(ESTIMATORS)} or 'forward'; got {estimator!r}")
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_hidden: torch.Tensor,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    estimator: str = "topk",
+    k: int = 16,
+    tokens: torch.Tensor | None = None,
+    behavior_logprobs: torch.Tensor | None = None,
+    importance_weight: bool = True,
+    veto_b: float = 0.0,
+    stop_ids: list[int] | None = None,
+    canonical_stop: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean distillation loss over N response positions, one chunk of positions at a time.
+
+    Args:
+        student_hidden: [N, Hs] final hidden states at response positions (requires grad).
+        student_head / teacher_head: hidden -> logits (the models' output embeddings).
+        teacher_hidden: [N, Ht] (no grad).
+        tokens, behavior_logprobs: [N] for the `sampled` estimator.
+        veto_b: Veto exponent B (0 = plain teacher target).
+        stop_ids, canonical_stop: EOS canonicalisation applied to both models' log-probs.
+        chunk_size: positions per chunk. Each chunk's float32 logits are recomputed in the
+            backward pass (activation checkpointing), so at most one chunk of [chunk, V] logits
+            per model is alive at a time instead of [N, V] for both models.
+    Returns:
+        (loss, mean_value): the scalar surrogate to backpropagate (token-mean) and the detached
+        token-mean estimator value.
+    """
+    n = student_hidden.shape[0]
+    if n == 0:
+        zero = student_hidden.sum() * 0.0
+        return zero, zero.detach()
+
+    def chunk_terms(h_s: torch.Tensor, h_t: torch.Tensor, tok, blp) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.log_softmax(student_head(h_s).float(), dim=-1)
+        with torch.no_grad():
+            t = torch.log_softmax(teacher_head(h_t).float(), dim=-1)
+        if stop_ids and canonical_stop is not None:
+            s = canonicalize_eos(s, stop_ids, canonical_stop)
+            t = canonicalize_eos(t, stop_ids, canonical_stop)
+        if veto_b:
+            t = veto_target(s, t, veto_b)
+        sur, val = token_loss(
+            s, t, estimator, k=k, tokens=tok, behavior_logprobs=blp, importance_weight=importance_weight
+        )
+        return sur.sum(), val.sum()
+
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    total_value = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        tok = tokens[sl] if tokens is not None else None
+        blp = behavior_logprobs[sl] if behavior_logprobs is not None else None
+        if torch.is_grad_enabled() and student_hidden.requires_grad and n > chunk_size:
+            sur, val = checkpoint(chunk_terms, student_hidden[sl], teacher_hidden[sl], tok, blp, use_reentrant=False)
+        else:
+            sur, val = chunk_terms(student_hidden[sl], teacher_hidden[sl], tok, blp)
+        total = total + sur
+        total_value = total_value + val.detach()
+    return total / n, total_value / n
