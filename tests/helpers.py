@@ -1,0 +1,25 @@
+"""Tiny random models and prompts for tests (no downloads)."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from trb.toy import ToyModelRecipe, _config, build_tokenizer, render_prompt
+
+
+def tiny_model(eos="<|endoftext|>", hidden=32, layers=2, seed=0, scale=1.0):
+    tok = build_tokenizer(eos)
+    torch.manual_seed(seed)
+    recipe = ToyModelRecipe(hidden, layers, 2, 1, 64, eos, steps=0, lr=0.0)
+    model = AutoModelForCausalLM.from_config(_config(recipe, tok)).eval()
+    if scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def prompts(tok, questions=("What is 1+2?", "What is 12+30-4?", "What is 7?")):
+    enc = tok([render_prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
