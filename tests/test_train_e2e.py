@@ -1,0 +1,140 @@
+"""`trb train` end to end on tiny models, asserting on the artefacts it leaves."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from trb.config import BlendConfig, DatasetConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainConfig
+from trb.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    s, tok = tiny_model(scale=3.0)
+    s.save_pretrained(root / "s")
+    tok.save_pretrained(root / "s")
+    t, ttok = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
+    t.save_pretrained(root / "t")
+    ttok.save_pretrained(root / "t")
+    return str(root / "s"), str(root / "t")
+
+
+def _cli(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "trb", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+SMALL = ["steps=6", "prompts_per_step=3", "rollout.n=2", "rollout.max_new_tokens=10", "dataset.eval_size=4",
+         "dataset.train_size=50", "optim.warmup_steps=2"]
+
+
+def test_train_cli_artefacts(pair, tmp_path):
+    s, t = pair
+    run = tmp_path / "run"
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "blend=linear", "blend.eps0=0.05",
+              "blend.horizon=4", "save_every=3", f"hydra.run.dir={run}", *SMALL], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_metrics(run)
+    steps = [x for x in recs if "loss" in x]
+    assert [x["step"] for x in steps] == list(range(6))
+    required = ["loss", "lr", "eps", "beta/mean", "beta/p50", "beta/p90", "beta/frac_zero", "beta/frac_one",
+                "kl_mu_student/mean", "kl_mu_student/max", "teacher/entropy", "teacher/logp", "rollout/reward",
+                "rollout/length", "throughput/rollout_tok_s", "throughput/train_tok_s", "time/rollout",
+                "time/teacher", "time/update"]
+    for x in steps:
+        for k in required:
+            assert k in x and x[k] is not None and math.isfinite(x[k]), (k, x.get(k))
+        # the schedule: linear 0.05 -> 0 over K = 4, then 0
+        assert math.isclose(x["eps"], 0.05 * max(0.0, 1 - x["step"] / 4), abs_tol=1e-12)
+        assert x["kl_mu_student/max"] <= x["eps"]  # the trust region holds on every token
+        if x["eps"] == 0:
+            assert x["beta/frac_zero"] == 1.0
+    assert any(x["beta/mean"] > 0 for x in steps if x["eps"] > 0)
+    evals = [x for x in recs if "eval/accuracy" in x]
+    assert [x["step"] for x in evals] == [0, 6]
+    # checkpoints (intermediate + final) and the Hydra config echo
+    assert (run / "checkpoints" / "step_000003" / "trainer_state.pt").exists()
+    final = run / "checkpoints" / "step_000006"
+    assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    assert (run / ".hydra" / "config.yaml").exists()
+    assert json.loads((run / "summary.json").read_text())["checkpoint"] == str(final)
+
+
+def test_checkpoint_reloads_with_same_logits(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trb.train import train
+
+    s, t = pair
+    cfg = TrainConfig(student=ModelConfig(path=s), teacher=ModelConfig(path=t),
+                      blend=BlendConfig(kind="constant", eps0=0.02), dataset=DatasetConfig(train_size=20, eval_size=0),
+                      rollout=RolloutConfig(n=2, max_new_tokens=8), logger=LoggerConfig(kind="none"),
+                      steps=3, prompts_per_step=2)
+    out = train(cfg, tmp_path / "run", log=lambda *_: None)
+    trained = out["student"].eval()
+    loaded = AutoModelForCausalLM.from_pretrained(out["checkpoint"]).eval()
+    before = AutoModelForCausalLM.from_pretrained(s).eval()
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trained(ids).logits)
+        assert not torch.allclose(before(ids).logits, trained(ids).logits)  # training changed the weights
+    recs = read_metrics(tmp_path / "run")
+    assert all(x["eps"] == 0.02 for x in recs if "loss" in x)  # fixed budget
+
+
+def test_vanilla_opd_scores_teacher_after_decoding(pair, tmp_path):
+    s, t = pair
+    run = tmp_path / "run"
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "blend=none", "loss=full",
+              f"hydra.run.dir={run}", *SMALL], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x for x in read_metrics(run) if "loss" in x]
+    assert all(x["beta/mean"] == 0 and x["kl_mu_student/max"] == 0 for x in steps)
+    assert all(math.isfinite(x["teacher/logp"]) for x in steps)  # one teacher prefill filled them in
+
+
+def test_multirun_leaves_one_dir_per_job(pair, tmp_path):
+    s, t = pair
+    sweep = tmp_path / "sweep"
+    r = _cli(["train", "-m", f"student.path={s}", f"teacher.path={t}", "seed=0,1", "steps=2",
+              "prompts_per_step=2", "rollout.n=1", "rollout.max_new_tokens=6", "dataset.eval_size=2",
+              "dataset.train_size=10", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in ("0", "1"):
+        assert len([x for x in read_metrics(sweep / job) if "loss" in x]) == 2
+
+
+def test_bad_config_fails_with_named_setting(pair, tmp_path):
+    s, t = pair
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "blend.eps0=-1", f"hydra.run.dir={tmp_path / 'x'}"],
+             cwd=tmp_path)
+    assert r.returncode != 0
+    assert "blend.eps0" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["train", "teacher.path=Nobody/not-a-model", f"student.path={s}", f"hydra.run.dir={tmp_path / 'y'}"],
+             cwd=tmp_path)
+    assert r.returncode != 0 and "teacher.path" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    r = _cli(["train", "--cfg", "job", "blend=cosine"], cwd=tmp_path)
+    assert r.returncode == 0 and "kind: cosine" in r.stdout
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "trb"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout
+    r = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "blend: constant, cosine, linear, none, step" in r.stdout

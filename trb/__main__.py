@@ -1,0 +1,3 @@
+from trb.cli import main
+
+main()

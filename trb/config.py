@@ -1,0 +1,177 @@
+"""Typed configuration: one dataclass per Hydra config group, validated in __post_init__.
+
+cli.py merges the composed Hydra config onto these schemas (unknown keys and wrong types fail
+there, naming the key); everything below train.py sees only these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trb.losses import ESTIMATORS
+from trb.schedules import Schedule
+
+BLEND_KINDS = ("none", "constant", "linear", "cosine", "step")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """A student or teacher model."""
+
+    path: str = "toy:student"  # local HF folder, hub id (must be cached offline), or toy:student / toy:teacher
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # run a model's own code from its folder (off unless you trust it)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model path is empty: set student.path / teacher.path")
+        _check(self.dtype in DTYPES, f"model dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+
+
+@dataclass
+class BlendConfig:
+    """The trust-region budget eps_k over optimiser steps (kind=none: vanilla OPD, eps = 0)."""
+
+    kind: str = "linear"  # none | constant | linear | cosine | step
+    eps0: float = 0.01  # eps at step 0 (paper sweep: 0.001 .. 0.05)
+    horizon: int = 25  # K: eps reaches 0 at step K (paper: 15, 25, 50); unused by constant
+    milestones: list[int] = field(default_factory=list)  # step shape: steps where eps is multiplied by gamma
+    gamma: float = 0.5  # step shape: factor applied at each milestone
+
+    def __post_init__(self) -> None:
+        _check(self.kind in BLEND_KINDS, f"blend.kind must be one of {', '.join(BLEND_KINDS)}; got {self.kind!r}")
+        _check(self.eps0 >= 0, f"blend.eps0 must be >= 0; got {self.eps0}")
+        _check(self.horizon >= 0, f"blend.horizon (K) must be >= 0; got {self.horizon}")
+        self.schedule()  # validates milestones / gamma with the schedule's own messages
+
+    def schedule(self) -> Schedule:
+        if self.kind == "none":
+            return Schedule("constant", 0.0, 0)
+        return Schedule(self.kind, self.eps0, self.horizon, tuple(self.milestones), self.gamma)
+
+
+@dataclass
+class DatasetConfig:
+    """Prompts with gold answers. name=toy generates the embedded arithmetic task."""
+
+    name: str = "toy"  # toy (embedded) | jsonl (a local file at `path`)
+    path: Optional[str] = None  # local .jsonl with question/answer fields
+    question_field: str = "question"  # field holding the problem text
+    answer_field: str = "answer"  # field holding the gold (GSM8K style "... #### N" accepted)
+    train_size: int = 4000  # training prompts drawn (toy) or kept (file)
+    eval_size: int = 200  # held-out prompts for the periodic greedy eval
+    system_prompt: Optional[str] = None  # system message for the chat template (None: user turn only)
+    # toy task difficulty
+    min_ops: int = 1  # fewest operations per toy problem
+    max_ops: int = 3  # most operations per toy problem
+    max_operand: int = 29  # toy operands are drawn from 0..max_operand
+    ops: str = "+-"  # toy operators
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("toy", "jsonl"), f"dataset.name must be toy or jsonl; got {self.name!r}")
+        _check(self.name != "jsonl" or bool(self.path), "dataset.name=jsonl needs dataset.path=/path/to/file.jsonl")
+        _check(self.train_size >= 1, f"dataset.train_size must be >= 1; got {self.train_size}")
+        _check(self.eval_size >= 0, f"dataset.eval_size must be >= 0; got {self.eval_size}")
+
+
+@dataclass
+class LossConfig:
+    """Reverse KL(student || teacher) estimator, token-mean over response tokens."""
+
+    estimator: str = "topk"  # topk (paper) | full | sampled
+    k: int = 16  # topk: size of the student's top-k support
+    importance_weight: bool = True  # sampled: weight by pi_S(y) / mu(y) on blended rollouts
+    chunk_size: int = 1024  # positions per chunk of the vocabulary projection (memory bound)
+
+    def __post_init__(self) -> None:
+        _check(self.estimator in ESTIMATORS, f"loss.estimator must be one of {', '.join(ESTIMATORS)}; "
+                                             f"got {self.estimator!r}")
+        _check(self.k >= 1, f"loss.k must be >= 1; got {self.k}")
+        _check(self.chunk_size >= 1, f"loss.chunk_size must be >= 1; got {self.chunk_size}")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of training rollouts."""
+
+    n: int = 4  # samples per prompt
+    max_new_tokens: int = 48  # response length cap
+    temperature: float = 1.0  # rollout temperature (paper: 1.0)
+    max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1, f"rollout.n must be >= 1; got {self.n}")
+        _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        _check(self.temperature > 0, f"rollout.temperature must be > 0; got {self.temperature}")
+        _check(self.max_prompt_tokens >= 1, f"rollout.max_prompt_tokens must be >= 1; got {self.max_prompt_tokens}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warmup to a constant lr (paper: 1e-5, warmup 15)."""
+
+    lr: float = 1e-3  # peak learning rate
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    warmup_steps: int = 15  # lr warmup steps (cosine ramp from 0)
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking. metrics.jsonl is always written; W&B on top unless kind=none."""
+
+    kind: str = "wandb"  # wandb | none
+    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline
+    project: str = "trb"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user)
+    group: Optional[str] = None  # W&B group (sweeps set it to the sweep dir name)
+    job_type: str = "train"  # W&B job type
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("wandb", "none"), f"logger.kind must be wandb or none; got {self.kind!r}")
+        _check(self.mode in ("auto", "online", "offline"), f"logger.mode must be auto, online or offline; "
+                                                            f"got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    """`trb train`: on-policy distillation with a trust-region behaviour policy."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    steps: int = 150  # optimiser steps (one rollout batch each)
+    prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
+    eval_every: int = 50  # greedy eval on the held-out split every N steps (0 = only start and end)
+    eval_batch: int = 100  # prompts per eval decoding batch
+    save_every: int = 0  # checkpoint every N steps (0 = only the final one)
+    seed: int = 0  # seeds data order, sampling and init
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads (1 is fastest on small models here)
+    output_dir: Optional[str] = None  # run dir (set by Hydra's run dir when None)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, f"steps must be >= 0; got {self.steps}")
+        _check(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
+        _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
+        _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")

@@ -1,0 +1,86 @@
+"""Load the student and teacher (toy, local folder, or cached hub id); check they can be paired."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trb.config import ModelConfig
+from trb.rollout import StopSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message says which setting to change."""
+
+
+def resolve_path(cfg: ModelConfig, role: str) -> str:
+    """toy:student / toy:teacher -> the toy folder (built on first use); else the path as given."""
+    if cfg.path.startswith("toy:"):
+        which = cfg.path.split(":", 1)[1]
+        if which not in ("student", "teacher"):
+            raise ModelLoadError(f"{role}.path={cfg.path!r}: the toy models are toy:student and toy:teacher")
+        from trb.toy import ensure_built
+
+        return str(ensure_built() / which)
+    return cfg.path
+
+
+def load_model(cfg: ModelConfig, role: str, device: torch.device):
+    """(model, tokenizer) from a local folder or the offline HF cache, safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_path(cfg, role)
+    local = Path(path).exists()
+    if not local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise ModelLoadError(f"{role}.path={path!r} does not exist; give a model folder or a hub id like Qwen/Qwen3-4B")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=not local or None,
+                                            trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[cfg.dtype], use_safetensors=True, local_files_only=True,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"{role} model {path!r} is not a local folder and is not in the Hugging Face cache (trb never "
+            f"downloads at run time). Download it first (`hf download {path}`) or set {role}.path=/path/to/folder. "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
+    return model.to(device).eval(), tok
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
+    """Refuse pairs whose vocabularies differ beyond their EOS ids; return the shared stop event."""
+    vs, vt = student.config.vocab_size, teacher.config.vocab_size
+    if vs != vt:
+        raise ModelLoadError(
+            f"teacher and student vocabularies differ ({vt} vs {vs}): trb needs a shared vocabulary; "
+            f"pick a teacher of the same family")
+    a, b = s_tok.get_vocab(), t_tok.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:5]
+        raise ModelLoadError(
+            f"teacher and student tokenizers map tokens to different ids (e.g. {diff}): trb needs a shared "
+            f"vocabulary; pick a teacher of the same family")
+    s_eos = _eos_ids(student, s_tok)
+    if not s_eos:
+        raise ModelLoadError("the student has no EOS token (tokenizer eos_token or generation_config.eos_token_id)")
+    pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_eos[0]
+    return StopSpec(stop_ids=list(dict.fromkeys(s_eos + _eos_ids(teacher, t_tok))), emit_id=s_eos[0], pad_id=pad)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,73 @@
+"""Run tracking: metrics.jsonl in the run dir (always) and W&B on top (unless logger.kind=none)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+from trb.config import LoggerConfig
+
+
+def _wandb_mode(cfg: LoggerConfig) -> str:
+    """W&B mode: WANDB_MODE wins; auto = online with credentials, offline otherwise."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if cfg.mode != "auto":
+        return cfg.mode
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+class Tracker:
+    """log(metrics, step) to metrics.jsonl and W&B; finish() closes both."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        self.run = None
+        if cfg.kind == "wandb":
+            mode = _wandb_mode(cfg)
+            if mode != "disabled":
+                import wandb
+
+                try:
+                    self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,
+                                          job_type=cfg.job_type, tags=list(cfg.tags), config=config, name=name,
+                                          dir=str(run_dir), mode=mode, reinit="finish_previous")
+                except Exception as err:  # noqa: BLE001 - tracking must not kill a run
+                    warnings.warn(f"W&B init failed ({err}); continuing with metrics.jsonl only", stacklevel=2)
+                    self.run = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                 for k, v in metrics.items()}
+        rec = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in clean.items()}}
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log(clean, step=step)
+
+    def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        art = wandb.Artifact(name, type=kind)
+        art.add_reference(Path(path).resolve().as_uri())  # by reference: checkpoints can be large
+        self.run.log_artifact(art)
+
+    def finish(self) -> None:
+        self._file.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]

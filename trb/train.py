@@ -1,0 +1,255 @@
+"""On-policy distillation with Trust-Region behavior Blending: the training loop.
+
+    trb train                                   # the embedded default (toy pair, CPU, minutes)
+    trb train blend=none                        # vanilla OPD
+    trb train blend=cosine blend.eps0=0.02 blend.horizon=50
+    trb train -m blend=none,linear seed=0,1,2   # a sweep, one Hydra dir per job
+
+One step, top to bottom: eps_k from the schedule -> rollouts of prompts x n under the
+trust-region behaviour policy (per-token records) -> rewards from math-verify -> teacher and
+student forwards over the finished sequences -> chunked reverse-KL loss -> AdamW -> metrics ->
+(every eval_every steps) greedy eval -> (every save_every steps) checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trb.checkpoint import save_checkpoint
+from trb.config import TrainConfig
+from trb.data import load_splits, render
+from trb.evaluate import decode_completions, encode_prompts, greedy_accuracy
+from trb.grading import Grader
+from trb.losses import chunked_distill_loss
+from trb.models import check_pair, load_model, pick_device
+from trb.rollout import Sampler, response_hidden, rollout, score_tokens
+from trb.tracking import Tracker
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Cosine ramp from 0 to 1 over `warmup` steps, then constant (the paper's lr schedule)."""
+    if step >= warmup:
+        return 1.0
+    return 0.5 * (1 - math.cos(math.pi * (step + 1) / (warmup + 1)))
+
+
+def _quantiles(x: torch.Tensor) -> tuple[float, float]:
+    if x.numel() == 0:
+        return float("nan"), float("nan")
+    q = torch.quantile(x.double(), torch.tensor([0.5, 0.9], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def prompt_batches(rows: list[dict], per_step: int, seed: int):
+    """Endless per-epoch shuffles of the training rows, `per_step` at a time."""
+    rng = random.Random(seed)
+    epoch = 0
+    while True:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - per_step + 1, per_step):
+            yield epoch, [rows[j] for j in order[i : i + per_step]]
+        epoch += 1
+        if len(order) < per_step:
+            yield epoch, [rows[j] for j in (order * per_step)[:per_step]]
+
+
+def rollout_metrics(ro, rewards: list[bool], eps: float) -> dict:
+    m = ro.response_mask
+    beta, kl = ro.beta[m].float(), ro.kl[m].float()
+    p50, p90 = _quantiles(beta)
+    lengths = m.sum(1).float()
+    return {
+        "eps": eps,
+        "beta/mean": float(beta.mean()),
+        "beta/p50": p50,
+        "beta/p90": p90,
+        "beta/frac_zero": float((beta == 0).float().mean()),
+        "beta/frac_one": float((beta == 1).float().mean()),
+        "kl_mu_student/mean": float(kl.mean()),
+        "kl_mu_student/max": float(kl.max()),
+        "teacher/entropy": float(ro.teacher_entropy[m].mean()),
+        "teacher/logp": float(ro.teacher_logp[m].mean()),
+        "support_score": float(((ro.teacher_logp - ro.student_logp) * m).sum() / m.sum()),
+        "rollout/reward": sum(rewards) / max(len(rewards), 1),
+        "rollout/length": float(lengths.mean()),
+        "rollout/truncated": float((~ro.stopped).float().mean()),
+        "rollout/replaced": float(ro.replaced[m].float().mean()),
+    }
+
+
+def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
+    """Run distillation; write metrics.jsonl, checkpoints and summary.json into run_dir.
+
+    Returns the summary (also in summary.json) plus the trained model under "student"."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    gen = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    student, tok = load_model(cfg.student, "student", device)
+    teacher, t_tok = load_model(cfg.teacher, "teacher", device)
+    teacher.requires_grad_(False)
+    stop = check_pair(student, tok, teacher, t_tok)
+    train_rows, eval_rows = load_splits(cfg.dataset, cfg.seed)
+    sys_prompt = cfg.dataset.system_prompt
+    log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}, "
+        f"run dir {run_dir}")
+
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            weight_decay=cfg.optim.weight_decay)
+    schedule = cfg.blend.schedule()
+    tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    grader = Grader(workers=1)
+    batches = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
+    skipped_long = 0
+
+    def run_eval(step: int) -> dict:
+        t0 = time.time()
+        res = greedy_accuracy(student, tok, eval_rows, stop, grader, system_prompt=sys_prompt,
+                              max_new_tokens=cfg.rollout.max_new_tokens, batch=cfg.eval_batch)
+        if res:
+            res["time/eval"] = time.time() - t0
+            tracker.log(res, step)
+            log(f"step {step:5d}  eval accuracy {res['eval/accuracy']:.3f}")
+        return res
+
+    history = {"eval": []}
+    first = run_eval(0)
+    if first:
+        history["eval"].append({"step": 0, **first})
+    t_start = time.time()
+    from tqdm import tqdm
+
+    bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True, disable=None)
+    for step in bar:
+        t0 = time.time()
+        eps = schedule(step)
+        epoch, rows = next(batches)
+        texts = [render(tok, r["question"], sys_prompt) for r in rows]
+        ids, mask = encode_prompts(tok, texts, device)
+        if ids.shape[1] > cfg.rollout.max_prompt_tokens:
+            keep = mask.sum(1) <= cfg.rollout.max_prompt_tokens
+            skipped_long += int((~keep).sum())
+            rows = [r for r, k in zip(rows, keep.tolist()) if k]
+            ids, mask = ids[keep], mask[keep]
+            if not rows:
+                continue
+            width = int(mask.sum(1).max())
+            ids, mask = ids[:, -width:], mask[:, -width:]
+        n = cfg.rollout.n
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        golds = [r["gold"] for r in rows for _ in range(n)]
+
+        # 1. rollouts under the behaviour policy
+        student.eval()
+        sampler = Sampler("trb", eps=eps, temperature=cfg.rollout.temperature)
+        ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
+                     stop=stop, generator=gen)
+        t_roll = time.time()
+        rewards = grader.grade(decode_completions(tok, ro.tokens, ro.response_mask), golds)
+        t_grade = time.time()
+
+        # 2. teacher forward over the finished sequences (one prefill)
+        seq, smask = ro.sequences()
+        m = ro.response_mask
+        tokens = ro.tokens[m]
+        with torch.no_grad():
+            h_t = response_hidden(teacher, seq, smask, ids.shape[1], m)
+            if not ro.teacher_decoded:
+                t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, tokens, stop)
+                ro.teacher_logp[m] = t_lp
+                ro.teacher_entropy[m] = t_ent
+        t_teacher = time.time()
+
+        # 3. student forward + loss + update
+        student.train()
+        for g in opt.param_groups:
+            g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps)
+        h_s = response_hidden(student, seq, smask, ids.shape[1], m)
+        loss, kl_value = chunked_distill_loss(
+            h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
+            estimator=cfg.loss.estimator, k=cfg.loss.k, tokens=tokens, behavior_logprobs=ro.behavior_logp[m],
+            importance_weight=cfg.loss.importance_weight, stop_ids=stop.stop_ids, canonical_stop=stop.emit_id,
+            chunk_size=cfg.loss.chunk_size,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
+        opt.step()
+        t_end = time.time()
+
+        n_tok = int(m.sum())
+        metrics = {
+            "loss": float(loss.detach()),
+            "kl_estimate": float(kl_value),
+            "grad_norm": float(gnorm),
+            "lr": opt.param_groups[0]["lr"],
+            "epoch": epoch,
+            **rollout_metrics(ro, rewards, eps),
+            "time/rollout": t_roll - t0,
+            "time/grade": t_grade - t_roll,
+            "time/teacher": t_teacher - t_grade,
+            "time/update": t_end - t_teacher,
+            "time/step": t_end - t0,
+            "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
+            "throughput/train_tok_s": int(smask.sum()) / max(t_end - t_grade, 1e-9),
+            "prompts/skipped_too_long": skipped_long,
+        }
+        tracker.log(metrics, step)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{eps:.4f}", reward=f"{metrics['rollout/reward']:.2f}",
+                        acc=f"{history['eval'][-1]['eval/accuracy']:.2f}" if history["eval"] else "-")
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            res = run_eval(done)
+            if res:
+                history["eval"].append({"step": done, **res})
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            save_checkpoint(run_dir, done, student, tok, opt, {"eps": eps})
+
+    bar.close()
+    final = run_eval(cfg.steps) if cfg.steps else {}
+    if final:
+        history["eval"].append({"step": cfg.steps, **final})
+    ckpt = save_checkpoint(run_dir, cfg.steps, student, tok, opt, {"eps": schedule(cfg.steps)})
+    tracker.log_artifact(ckpt, f"student-{run_dir.name}")
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "steps": cfg.steps,
+        "train_seconds": time.time() - t_start,
+        "accuracy_before": history["eval"][0]["eval/accuracy"] if history["eval"] else None,
+        "accuracy_after": history["eval"][-1]["eval/accuracy"] if history["eval"] else None,
+        "eval": history["eval"],
+        "grading": dataclasses.asdict(grader.stats),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    grader.close()
+    tracker.finish()
+    log(f"done: accuracy {summary['accuracy_before']} -> {summary['accuracy_after']}; checkpoint {ckpt}")
+    summary["student"] = student  # in-process callers (tests, notebooks) get the trained model
+    return summary
