@@ -95,8 +95,7 @@ def _check(s64, t64, beta, eps, errors):
 def test_beta_against_brute_force_small_vocab(kind):
     rng = np.random.default_rng(hash(kind) % 2**32)
     errors = []
-    rows_s, rows_t, vs = [], [], []
-    for i in range(200):
+    for _ in range(200):
         v = int(rng.choice([2, 3, 5, 17, 64]))
         s, t = random_pair(rng, v, kind)
         for eps in EPS_GRID:

@@ -83,8 +83,8 @@ def test_sampled_matches_exact_gradient_in_expectation(behavior):
     g_exp = torch.zeros_like(ls)
     for y in range(V):
         tok = torch.tensor([y])
-        g_y = _grad(lambda x: reverse_kl_sampled(torch.log_softmax(x, -1), t, tok, mu.gather(-1, tok[:, None])[:, 0],
-                                                 max_weight=1e9)[0], ls)
+        g_y = _grad(lambda x, tok=tok: reverse_kl_sampled(torch.log_softmax(x, -1), t, tok,
+                                                          mu.gather(-1, tok[:, None])[:, 0], max_weight=1e9)[0], ls)
         g_exp += mu[0, y].exp() * g_y
     g_ref = _grad(lambda x: exact_reverse_kl(x, lt), ls)
     assert torch.allclose(g_exp, g_ref, atol=1e-10)
@@ -103,7 +103,7 @@ def test_sampled_direct_loss_would_have_zero_expected_gradient():
     """Why the sampled estimator is a policy gradient: differentiating (s_y - t_y) directly is useless."""
     ls, lt = _pair(n=1, seed=5)
     s = torch.log_softmax(ls, -1)
-    direct = sum(s[0, y].detach().exp() * _grad(lambda x: torch.log_softmax(x, -1)[:, y], ls) for y in range(V))
+    direct = sum(s[0, y].detach().exp() * _grad(lambda x, y=y: torch.log_softmax(x, -1)[:, y], ls) for y in range(V))
     assert direct.abs().max() < 1e-12
 
 

@@ -29,8 +29,8 @@ def pair(tmp_path_factory):
     return str(root / "s"), str(root / "t")
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+def _cli(args, cwd, wandb_mode="disabled"):
+    env = {**os.environ, "WANDB_MODE": wandb_mode}
     return subprocess.run([sys.executable, "-m", "trb", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -104,16 +104,19 @@ def test_vanilla_opd_scores_teacher_after_decoding(pair, tmp_path):
     assert all(math.isfinite(x["teacher/logp"]) for x in steps)  # one teacher prefill filled them in
 
 
-def test_multirun_leaves_one_dir_per_job(pair, tmp_path):
+def test_multirun_leaves_one_dir_per_job_grouped_in_wandb(pair, tmp_path):
     s, t = pair
     sweep = tmp_path / "sweep"
     r = _cli(["train", "-m", f"student.path={s}", f"teacher.path={t}", "seed=0,1", "steps=2",
               "prompts_per_step=2", "rollout.n=1", "rollout.max_new_tokens=6", "dataset.eval_size=2",
               "dataset.train_size=10", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
-             cwd=tmp_path)
+             cwd=tmp_path, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     for job in ("0", "1"):
         assert len([x for x in read_metrics(sweep / job) if "loss" in x]) == 2
+        # W&B ran offline into the job's dir, grouped by the sweep
+        assert list((sweep / job / "wandb").glob("offline-run-*"))
+        assert json.loads((sweep / job / "config.json").read_text())["logger"]["group"] == "sweep"
 
 
 def test_bad_config_fails_with_named_setting(pair, tmp_path):

@@ -49,4 +49,5 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))

@@ -59,7 +59,8 @@ def to_schema(cfg, schema):
         merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise UserError(f"invalid config: {str(err).splitlines()[0]} (full key: {getattr(err, 'full_key', '?')})")
+        key = getattr(err, "full_key", "?")
+        raise UserError(f"invalid config: {str(err).splitlines()[0]} (key: {key})") from None
     except ValueError as err:
         raise UserError(f"invalid config: {err}") from None
 
@@ -92,6 +93,19 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
         raise typer.Exit(code=2)
 
 
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def cfg_sweep_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().sweep.dir
+
+
 @app.command("train", **HYDRA_ARGS)
 def train_cmd(ctx: typer.Context) -> None:
     """Distil a student from a teacher under the trust-region behaviour policy (Hydra overrides;
@@ -105,6 +119,8 @@ def train_cmd(ctx: typer.Context) -> None:
         tc = to_schema(cfg, TrainConfig)
         if tc.output_dir:
             run_dir = Path(tc.output_dir)
+        if tc.logger.group is None and _is_multirun():  # a sweep's runs share one W&B group
+            tc.logger.group = Path(cfg_sweep_dir()).name
         try:
             train(tc, run_dir, log=typer.echo)
         except (ModelLoadError, FileNotFoundError) as err:

@@ -142,7 +142,7 @@ class Grader:
                 proc.kill()
         self._pool = []
 
-    def __enter__(self) -> "Grader":
+    def __enter__(self) -> Grader:
         return self
 
     def __exit__(self, *exc) -> None:

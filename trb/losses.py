@@ -17,7 +17,7 @@ Estimators of KL(pi_theta(.|h) || pi_T(.|h)):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
