@@ -10,10 +10,13 @@ objects never leave the worker; only booleans and raw strings do.
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
+import select
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 
 MAX_CHARS = 20_000  # the tail of a completion that is parsed; answers sit at the end
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports math-verify (sympy) before its first item
@@ -41,23 +44,21 @@ def _verify(completion: str, gold: str, timeout_s: int) -> bool:
     return bool(verify(gold_parsed, pred, timeout_seconds=timeout_s))
 
 
-def _worker(conn, timeout_s: int) -> None:
+def _worker_main(timeout_s: int) -> None:
+    """Worker process: JSON lines [idx, completion, gold] on stdin -> [idx, ok] on stdout."""
     import math_verify  # noqa: F401  (import once, before the first item)
 
-    conn.send("ready")
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        idx, completion, gold = msg
+    out = sys.stdout
+    out.write('"ready"\n')
+    out.flush()
+    for line in sys.stdin:
+        idx, completion, gold = json.loads(line)
         try:
             ok = _verify(completion, gold, timeout_s)
         except Exception:  # noqa: BLE001 - any parser failure grades as wrong
             ok = False
-        conn.send((idx, ok))
+        out.write(json.dumps([idx, bool(ok)]) + "\n")
+        out.flush()
 
 
 @dataclass
@@ -75,18 +76,21 @@ class Grader:
         self.item_timeout_s = float(item_timeout_s)
         self.verify_timeout_s = int(verify_timeout_s)  # math-verify needs an int
         self.stats = GradeStats()
-        self._ctx = mp.get_context("spawn")  # no inherited torch threads or locks
-        self._pool: list[tuple] = []
+        self._pool: list[subprocess.Popen] = []
 
-    def _spawn(self):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child, self.verify_timeout_s), daemon=True)
-        proc.start()
-        child.close()
-        if not parent.poll(STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+    def _spawn(self) -> subprocess.Popen:
+        # a fresh interpreter (not fork/spawn of the caller): no inherited torch threads, and
+        # no re-import of the caller's __main__
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trb.grading", str(self.verify_timeout_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        ready, _, _ = select.select([proc.stdout], [], [], STARTUP_TIMEOUT_S)
+        if not ready or proc.stdout.readline().strip() != '"ready"':
             proc.kill()
             raise RuntimeError("a math-verify grading worker did not start; is math-verify installed?")
-        return proc, parent
+        return proc
 
     def grade(self, completions: list[str], golds: list[str]) -> list[bool]:
         """Correctness of each completion against its gold answer string (timeouts are wrong)."""
@@ -98,25 +102,30 @@ class Grader:
         results = [False] * len(completions)
         queue = list(range(len(completions)))[::-1]
         idle = list(range(len(self._pool)))
-        busy: dict = {}  # conn -> (deadline, slot)
+        busy: dict[int, float] = {}  # slot -> deadline
         while queue or busy:
             while queue and idle:
                 slot, idx = idle.pop(), queue.pop()
-                conn = self._pool[slot][1]
-                conn.send((idx, str(completions[idx]), str(golds[idx])))
-                busy[conn] = (time.monotonic() + self.item_timeout_s, slot)
-            for conn in wait(list(busy), timeout=0.05):
-                _, slot = busy.pop(conn)
-                try:
-                    got_idx, ok = conn.recv()
-                    results[got_idx] = bool(ok)
-                except (EOFError, OSError):  # the worker died on this item: wrong; replace it
+                text = str(completions[idx])[-MAX_CHARS:]
+                self._pool[slot].stdin.write(json.dumps([idx, text, str(golds[idx])]) + "\n")
+                self._pool[slot].stdin.flush()
+                busy[slot] = time.monotonic() + self.item_timeout_s
+            by_fd = {self._pool[s].stdout: s for s in busy}
+            ready, _, _ = select.select(list(by_fd), [], [], 0.05)
+            for stream in ready:
+                slot = by_fd[stream]
+                busy.pop(slot)
+                line = stream.readline()
+                if line:
+                    idx, ok = json.loads(line)
+                    results[idx] = bool(ok)
+                else:  # the worker died on this item: wrong; replace it
                     self._replace(slot)
                 idle.append(slot)
             now = time.monotonic()
-            for conn, (deadline, slot) in list(busy.items()):
+            for slot, deadline in list(busy.items()):
                 if now > deadline:  # stuck (C-level work, a hang): kill, replace, count
-                    busy.pop(conn)
+                    busy.pop(slot)
                     self.stats.timeouts += 1
                     self._replace(slot)
                     idle.append(slot)
@@ -125,20 +134,17 @@ class Grader:
         return results
 
     def _replace(self, slot: int) -> None:
-        proc, conn = self._pool[slot]
+        proc = self._pool[slot]
         proc.kill()
-        proc.join(timeout=5)
-        conn.close()
+        proc.wait(timeout=5)
         self._pool[slot] = self._spawn()
 
     def close(self) -> None:
-        for proc, conn in self._pool:
+        for proc in self._pool:
             try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            proc.join(timeout=2)
-            if proc.is_alive():
+                proc.stdin.close()
+                proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
                 proc.kill()
         self._pool = []
 
@@ -163,3 +169,7 @@ def grade_batch(completions: list[str], golds: list[str]) -> list[bool]:
 def is_correct(completion: str, gold: str) -> bool:
     """True when math-verify judges the completion's final answer equal to `gold`."""
     return grade_batch([completion], [gold])[0]
+
+
+if __name__ == "__main__":
+    _worker_main(int(sys.argv[1]))
