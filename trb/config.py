@@ -7,7 +7,7 @@ there, naming the key); everything below train.py sees only these dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from trb.losses import ESTIMATORS
 from trb.schedules import Schedule
@@ -58,15 +58,19 @@ class BlendConfig:
 
 @dataclass
 class DatasetConfig:
-    """Prompts with gold answers. name=toy generates the embedded arithmetic task."""
+    """Problems with gold answers: the embedded toy task, a local file, or a cached hub dataset."""
 
-    name: str = "toy"  # toy (embedded) | jsonl (a local file at `path`)
-    path: Optional[str] = None  # local .jsonl with question/answer fields
-    question_field: str = "question"  # field holding the problem text
-    answer_field: str = "answer"  # field holding the gold (GSM8K style "... #### N" accepted)
-    train_size: int = 4000  # training prompts drawn (toy) or kept (file)
-    eval_size: int = 200  # held-out prompts for the periodic greedy eval
-    system_prompt: Optional[str] = None  # system message for the chat template (None: user turn only)
+    name: str = "toy"  # label; "toy" (without path) generates the embedded arithmetic task
+    hub_id: Optional[str] = None  # Hugging Face dataset id, read from the local cache only
+    hub_config: Any = None  # hub config name, or a list of them to concatenate (MATH subjects)
+    split: str = "test"  # hub split
+    path: Optional[str] = None  # local .jsonl / .parquet with the same fields (overrides hub_id)
+    question_field: str = "question"  # field with the problem text (dotted paths reach nested fields)
+    answer_field: Optional[str] = "answer"  # field with the gold answer (None: no gold, e.g. OpenThoughts)
+    answer_kind: str = "gsm8k"  # gsm8k (after ####) | boxed (last \\boxed{} of a solution) | plain
+    keep_fields: list[str] = field(default_factory=list)  # extra fields kept per row (MATH: type, level)
+    train_size: int = 4000  # training prompts used (toy: generated)
+    eval_size: int = 200  # evaluation problems used (0 = all; toy: held-out problems generated)
     # toy task difficulty
     min_ops: int = 1  # fewest operations per toy problem
     max_ops: int = 3  # most operations per toy problem
@@ -74,10 +78,27 @@ class DatasetConfig:
     ops: str = "+-"  # toy operators
 
     def __post_init__(self) -> None:
-        _check(self.name in ("toy", "jsonl"), f"dataset.name must be toy or jsonl; got {self.name!r}")
-        _check(self.name != "jsonl" or bool(self.path), "dataset.name=jsonl needs dataset.path=/path/to/file.jsonl")
+        _check(self.answer_kind in ("gsm8k", "boxed", "plain"),
+               f"dataset.answer_kind must be gsm8k, boxed or plain; got {self.answer_kind!r}")
         _check(self.train_size >= 1, f"dataset.train_size must be >= 1; got {self.train_size}")
         _check(self.eval_size >= 0, f"dataset.eval_size must be >= 0; got {self.eval_size}")
+        _check(self.name == "toy" or bool(self.path or self.hub_id),
+               f"dataset {self.name!r} needs dataset.path=/path/to/file.jsonl or dataset.hub_id")
+
+
+@dataclass
+class PromptConfig:
+    """How a problem becomes the prompt text."""
+
+    style: str = "chat"  # chat (the tokenizer's template) | plain (plain_template, for Base models)
+    instruction: Optional[str] = None  # e.g. the paper's "Please reason step by step, ..." (None: none)
+    instruction_role: str = "user"  # user (appended to the problem) | system (a system message)
+    plain_template: str = "Problem: {question}\n{instruction}\nSolution:"  # plain style format string
+
+    def __post_init__(self) -> None:
+        _check(self.style in ("chat", "plain"), f"prompt.style must be chat or plain; got {self.style!r}")
+        _check(self.instruction_role in ("user", "system"),
+               f"prompt.instruction_role must be user or system; got {self.instruction_role!r}")
 
 
 @dataclass
@@ -155,6 +176,8 @@ class TrainConfig:
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
     blend: BlendConfig = field(default_factory=BlendConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's held-out rows)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

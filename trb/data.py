@@ -1,62 +1,160 @@
-"""Prompts and gold answers: the embedded toy task or a local jsonl in GSM8K's schema."""
+"""Datasets as data: where the rows come from, which fields hold the problem and the gold answer.
+
+Every adapter yields rows {"question": str, "gold": str | None, **kept fields}. Sources, in
+order: the embedded toy generator (name=toy), a local jsonl/parquet (`path=`), or a hub dataset
+that is already in the local cache (trb runs with HF_HUB_OFFLINE=1 unless you set it to 0).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from trb.config import DatasetConfig
+from trb.config import DatasetConfig, PromptConfig
 from trb.toy import EVAL_SEED, ToyTask, make_split
 
 
-def gold_from_answer(answer: str) -> str:
-    """GSM8K style: the number after '####', commas removed; otherwise the text itself, stripped."""
-    if "####" in answer:
-        return answer.split("####")[-1].strip().replace(",", "")
-    return answer.strip()
+class DatasetError(ValueError):
+    """A dataset could not be loaded; the message names the setting to change."""
 
 
-def _toy_rows(cfg: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    task = ToyTask(cfg.min_ops, cfg.max_ops, cfg.max_operand, cfg.ops)
-    eval_rows = make_split(task, cfg.eval_size, EVAL_SEED) if cfg.eval_size else []
-    # The toy models were built on training seed 0; distillation prompts come from another seed.
-    train = make_split(task, cfg.train_size, 10_000 + seed, exclude={r["question"] for r in eval_rows})
-    return train, eval_rows
-
-
-def _jsonl_rows(cfg: DatasetConfig) -> list[dict]:
-    path = Path(cfg.path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset.path={cfg.path!r} does not exist")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, else None."""
+    for macro in ("\\boxed", "\\fbox"):
+        start = text.rfind(macro + "{")
+        if start < 0:
             continue
+        i = start + len(macro) + 1
+        depth, j = 1, i
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        return text[i : j - 1].strip() if depth == 0 else None
+    return None
+
+
+def gold_from(value, kind: str) -> str | None:
+    """The gold answer string from a dataset field: gsm8k (after ####, commas removed), boxed
+    (last \\boxed{} of a worked solution), plain (as is)."""
+    if value is None:
+        return None
+    text = str(value)
+    if kind == "gsm8k":
+        return text.split("####")[-1].strip().replace(",", "") if "####" in text else None
+    if kind == "boxed":
+        return last_boxed(text)
+    return text.strip()
+
+
+def _field(rec: dict, dotted: str):
+    """rec['a']['b'] or rec['a'][0] for dotted paths like 'conversations.0.value'."""
+    cur = rec
+    for part in dotted.split("."):
+        cur = cur[int(part)] if isinstance(cur, list) else cur[part]
+    return cur
+
+
+def _adapt(records, cfg: DatasetConfig, source: str) -> list[dict]:
+    rows = []
+    for i, rec in enumerate(records):
         try:
-            rec = json.loads(line)
-            rows.append({"question": rec[cfg.question_field], "gold": gold_from_answer(str(rec[cfg.answer_field]))})
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{cfg.path} line {i + 1}: expected JSON with fields "
-                             f"{cfg.question_field!r} and {cfg.answer_field!r} ({err})") from None
+            q = _field(rec, cfg.question_field)
+            a = _field(rec, cfg.answer_field) if cfg.answer_field else None
+        except (KeyError, IndexError, TypeError) as err:
+            raise DatasetError(f"{source} row {i}: no field {err} (set dataset.question_field / "
+                               f"dataset.answer_field; fields there: {sorted(rec)[:10]})") from None
+        row = {"question": str(q), "gold": gold_from(a, cfg.answer_kind)}
+        for k in cfg.keep_fields:
+            if k in rec:
+                row[k] = rec[k]
+        rows.append(row)
     if not rows:
-        raise ValueError(f"dataset.path={cfg.path!r} holds no rows")
+        raise DatasetError(f"{source} holds no rows")
     return rows
 
 
-def load_splits(cfg: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows), each row with at least `question` and `gold`."""
-    if cfg.name == "toy":
-        return _toy_rows(cfg, seed)
-    rows = _jsonl_rows(cfg)
-    n_eval = min(cfg.eval_size, len(rows) // 2)
-    return rows[n_eval:][: cfg.train_size], rows[:n_eval]
+def _read_local(cfg: DatasetConfig) -> list[dict]:
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"dataset.path={cfg.path!r} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    records = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path} line {i + 1} is not JSON ({err.msg}); expected one object per line") from None
+    return records
 
 
-def render(tokenizer, question: str, system_prompt: str | None) -> str:
-    """The prompt text: the tokenizer's chat template with an optional system message."""
+def _read_hub(cfg: DatasetConfig) -> list[dict]:
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    configs = cfg.hub_config if isinstance(cfg.hub_config, list) else [cfg.hub_config]
+    records = []
+    for conf in configs:
+        try:
+            ds = datasets.load_dataset(cfg.hub_id, conf, split=cfg.split)
+        except Exception as err:  # noqa: BLE001 - offline and uncached raises many types
+            raise DatasetError(
+                f"dataset {cfg.hub_id!r}{f' ({conf})' if conf else ''} split {cfg.split!r} is not in the local "
+                f"Hugging Face cache and trb is offline (HF_HUB_OFFLINE=1). Point dataset.path= at a local "
+                f"jsonl/parquet with fields {cfg.question_field!r}/{cfg.answer_field!r}, or download it first "
+                f"(HF_HUB_OFFLINE=0). [{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}]"
+            ) from None
+        records.extend(ds)
+    return records
+
+
+def load_rows(cfg: DatasetConfig, seed: int = 0, role: str = "eval") -> list[dict]:
+    """Rows of one dataset. Toy: role=eval gives the held-out problems, role=train the others."""
+    if cfg.name == "toy" and not cfg.path:
+        task = ToyTask(cfg.min_ops, cfg.max_ops, cfg.max_operand, cfg.ops)
+        held_out = make_split(task, cfg.eval_size, EVAL_SEED) if cfg.eval_size else []
+        if role == "eval":
+            return [{"question": r["question"], "gold": r["gold"]} for r in held_out]
+        # the toy models were built on seed 0; distillation prompts come from other seeds
+        rows = make_split(task, cfg.train_size, 10_000 + seed, exclude={r["question"] for r in held_out})
+        return [{"question": r["question"], "gold": r["gold"]} for r in rows]
+    if cfg.path:
+        rows = _adapt(_read_local(cfg), cfg, cfg.path)
+    elif cfg.hub_id:
+        rows = _adapt(_read_hub(cfg), cfg, cfg.hub_id)
+    else:
+        raise DatasetError(f"dataset {cfg.name!r} has neither dataset.path nor dataset.hub_id")
+    limit = cfg.train_size if role == "train" else cfg.eval_size
+    return rows[:limit] if limit else rows
+
+
+def render(tokenizer, question: str, prompt: PromptConfig) -> str:
+    """The prompt text for one problem (chat template or plain), exactly as the model sees it."""
+    if prompt.style == "plain":
+        return prompt.plain_template.format(question=question, instruction=prompt.instruction or "")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the tokenizer has no chat template; pick a model that has one")
-    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}]
+        raise DatasetError("the tokenizer has no chat template; use prompt=plain for Base models without one")
+    if prompt.instruction and prompt.instruction_role == "system":
+        msgs = [{"role": "system", "content": prompt.instruction}, {"role": "user", "content": question}]
+    elif prompt.instruction:
+        msgs = [{"role": "user", "content": f"{question}\n{prompt.instruction}"}]
+    else:
+        msgs = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer as text (for maj@k votes and logs): last \\boxed{}, else the last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip().strip("$").strip() or None
+    nums = _NUMBER.findall(text)
+    return nums[-1].replace(",", "") if nums else None

@@ -21,7 +21,7 @@ def decode_completions(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> l
 
 
 def greedy_accuracy(student, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, *,
-                    system_prompt: str | None, max_new_tokens: int, batch: int = 100) -> dict:
+                    prompt, max_new_tokens: int, batch: int = 100) -> dict:
     """Greedy pass@1 over `rows` (each with question and gold): accuracy, mean length, truncation rate."""
     if not rows:
         return {}
@@ -31,7 +31,7 @@ def greedy_accuracy(student, tokenizer, rows: list[dict], stop: StopSpec, grader
     correct, lengths, truncated = [], [], 0
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        ids, mask = encode_prompts(tokenizer, [render(tokenizer, r["question"], system_prompt) for r in chunk], device)
+        ids, mask = encode_prompts(tokenizer, [render(tokenizer, r["question"], prompt) for r in chunk], device)
         ro = rollout(student, None, ids, mask, max_new_tokens=max_new_tokens,
                      sampler=Sampler("student", greedy=True), stop=stop)
         texts = decode_completions(tokenizer, ro.tokens, ro.response_mask)

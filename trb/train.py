@@ -25,7 +25,7 @@ import torch
 
 from trb.checkpoint import save_checkpoint
 from trb.config import TrainConfig
-from trb.data import load_splits, render
+from trb.data import load_rows, render
 from trb.evaluate import decode_completions, encode_prompts, greedy_accuracy
 from trb.grading import Grader
 from trb.losses import chunked_distill_loss
@@ -112,8 +112,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
     stop = check_pair(student, tok, teacher, t_tok)
-    train_rows, eval_rows = load_splits(cfg.dataset, cfg.seed)
-    sys_prompt = cfg.dataset.system_prompt
+    train_rows = load_rows(cfg.dataset, cfg.seed, role="train")
+    eval_rows = load_rows(cfg.eval_dataset or cfg.dataset, cfg.seed, role="eval")
     log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}, "
         f"run dir {run_dir}")
 
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
 
     def run_eval(step: int) -> dict:
         t0 = time.time()
-        res = greedy_accuracy(student, tok, eval_rows, stop, grader, system_prompt=sys_prompt,
+        res = greedy_accuracy(student, tok, eval_rows, stop, grader, prompt=cfg.prompt,
                               max_new_tokens=cfg.rollout.max_new_tokens, batch=cfg.eval_batch)
         if res:
             res["time/eval"] = time.time() - t0
@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         t0 = time.time()
         eps = schedule(step)
         epoch, rows = next(batches)
-        texts = [render(tok, r["question"], sys_prompt) for r in rows]
+        texts = [render(tok, r["question"], cfg.prompt) for r in rows]
         ids, mask = encode_prompts(tok, texts, device)
         if ids.shape[1] > cfg.rollout.max_prompt_tokens:
             keep = mask.sum(1) <= cfg.rollout.max_prompt_tokens
