@@ -217,3 +217,13 @@ def test_temperature_and_eos_canonicalisation():
     assert c[0, 1].item() == -math.inf
     assert torch.allclose(c.exp(), torch.tensor([[0.1, 0.0, 0.3, 0.6]]), atol=1e-6)
     assert torch.equal(canonicalize_eos(lp, [3], 3), lp)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    from trb.blend import top_p_logprobs
+
+    lp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = top_p_logprobs(lp, 0.7).exp()
+    assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(top_p_logprobs(lp, 0.45).exp(), torch.tensor([[1.0, 0, 0, 0]]))
+    assert top_p_logprobs(lp, 1.0) is lp

@@ -175,6 +175,21 @@ def temperature_logprobs(logprobs: torch.Tensor, temperature: float | torch.Tens
     return torch.log_softmax(x / tau, dim=-1)
 
 
+def top_p_logprobs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches top_p, renormalised.
+
+    Shapes: [..., V] -> [..., V]; top_p = 1 returns the input unchanged.
+    """
+    if top_p >= 1.0:
+        return logprobs
+    x = _as_work(logprobs)
+    sorted_lp, order = x.sort(dim=-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(x.masked_fill(drop, NEG_INF), dim=-1)
+
+
 def topk_mask(logprobs: torch.Tensor, k: int) -> torch.Tensor:
     """Bool [..., V]: True on each row's top-k tokens (ties broken by torch.topk)."""
     k = min(int(k), logprobs.shape[-1])

@@ -1,6 +1,7 @@
 """The `trb` command: a Typer app whose subcommands hand their arguments to Hydra.
 
     trb train [overrides]        distil (see `trb train --help`)
+    trb eval [overrides]         score checkpoints (see `trb eval --help`)
     trb toy build [--out DIR]    rebuild the embedded toy models bit for bit
 
 Only this file knows Hydra and OmegaConf: it composes conf/<command>.yaml with the overrides,
@@ -21,6 +22,10 @@ from trb import __version__
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trb never downloads at run time unless asked (HF_HUB_OFFLINE=0): hub ids resolve from the cache
+# or fail at once with a message, instead of after 20-45 s of retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 
 CONF_DIR = Path(os.environ.get("TRB_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
@@ -113,7 +118,6 @@ def train_cmd(ctx: typer.Context) -> None:
 
     def task(cfg, run_dir: Path) -> None:
         from trb.config import TrainConfig
-        from trb.models import ModelLoadError
         from trb.train import train
 
         tc = to_schema(cfg, TrainConfig)
@@ -121,14 +125,38 @@ def train_cmd(ctx: typer.Context) -> None:
             run_dir = Path(tc.output_dir)
         if tc.logger.group is None and _is_multirun():  # a sweep's runs share one W&B group
             tc.logger.group = Path(cfg_sweep_dir()).name
-        try:
-            train(tc, run_dir, log=typer.echo)
-        except (ModelLoadError, FileNotFoundError) as err:
-            raise UserError(str(err)) from None
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        _run_user_task(lambda: train(tc, run_dir, log=typer.echo))
 
     run_hydra("train", list(ctx.args), task)
+
+
+@app.command("eval", **HYDRA_ARGS)
+def eval_cmd(ctx: typer.Context) -> None:
+    """Score checkpoints: pass@k / maj@k graded with math-verify (Hydra overrides; `trb eval --help`)."""
+
+    def task(cfg, run_dir: Path) -> None:
+        from trb.config import EvalConfig
+        from trb.eval_run import run_eval
+
+        ec = to_schema(cfg, EvalConfig)
+        if ec.output_dir:
+            run_dir = Path(ec.output_dir)
+        if ec.logger.group is None and _is_multirun():
+            ec.logger.group = Path(cfg_sweep_dir()).name
+        _run_user_task(lambda: run_eval(ec, run_dir, log=typer.echo))
+
+    run_hydra("eval", list(ctx.args), task)
+
+
+def _run_user_task(fn) -> None:
+    """Turn the errors a user can fix (bad paths, configs, offline hub ids) into one-paragraph messages."""
+    from trb.data import DatasetError
+    from trb.models import ModelLoadError
+
+    try:
+        fn()
+    except (ModelLoadError, DatasetError, FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
 
 
 @toy_app.command("build")

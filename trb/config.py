@@ -198,3 +198,50 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
         _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
+
+
+@dataclass
+class DecodingConfig:
+    """Decoding preset for evaluation (student only, no teacher)."""
+
+    greedy: bool = True  # argmax decoding (forces n = 1)
+    temperature: float = 1.0  # sampling temperature (paper: 1.0)
+    top_p: float = 1.0  # nucleus sampling mass (paper: 1.0)
+    n: int = 1  # samples per problem (paper: 32 GSM8K, 64 MATH-500)
+    max_new_tokens: int = 48  # completion cap (paper: 8192)
+    batch: int = 64  # sequences decoded together
+    ks: list[int] = field(default_factory=lambda: [1])  # pass@k / maj@k reported for each k <= n
+    seed: int = 0  # sampling seed
+
+    def __post_init__(self) -> None:
+        if self.greedy:
+            self.n = 1
+        _check(self.n >= 1, f"decoding.n must be >= 1; got {self.n}")
+        _check(self.batch >= 1, f"decoding.batch must be >= 1; got {self.batch}")
+        _check(self.max_new_tokens >= 1, f"decoding.max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        _check(self.temperature > 0, f"decoding.temperature must be > 0; got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"decoding.top_p must be in (0, 1]; got {self.top_p}")
+        _check(all(k >= 1 for k in self.ks), f"decoding.ks must be >= 1; got {self.ks}")
+        self.ks = [k for k in self.ks if k <= self.n] or [1]
+
+
+@dataclass
+class EvalConfig:
+    """`trb eval`: pass@k / maj@k of checkpoints, graded with math-verify."""
+
+    checkpoint: Any = "toy:student"  # model folder, run dir (every checkpoint in it), toy:*, or a list
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="eval"))
+    grader_workers: int = 1  # math-verify worker processes
+    seed: int = 0  # seeds the dataset draw (toy) and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads
+    output_dir: Optional[str] = None  # results dir (set by Hydra's run dir when None)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "checkpoint is empty: set checkpoint=PATH (a model folder or a run dir)")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        _check(self.grader_workers >= 1, f"grader_workers must be >= 1; got {self.grader_workers}")

@@ -1,10 +1,20 @@
-"""Accuracy of a student on held-out problems: student-only decoding, graded with math-verify."""
+"""Scoring a student: student-only decoding, math-verify grading, pass@k / maj@k and breakdowns.
+
+    trb eval checkpoint=outputs/train/RUN/checkpoints/step_000150 dataset=gsm8k decoding=sampled
+    trb eval checkpoint=outputs/train/RUN            # every checkpoint of a run: an accuracy curve
+
+The same `evaluate` serves the periodic eval inside `trb train`.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from collections import Counter, defaultdict
 import torch
 
-from trb.data import render
+from trb.config import DecodingConfig
+from trb.data import extract_answer, render
 from trb.grading import Grader
 from trb.rollout import Sampler, StopSpec, rollout
 
@@ -20,24 +30,105 @@ def decode_completions(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> l
     return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(tokens, mask)]
 
 
-def greedy_accuracy(student, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, *,
-                    prompt, max_new_tokens: int, batch: int = 100) -> dict:
-    """Greedy pass@1 over `rows` (each with question and gold): accuracy, mean length, truncation rate."""
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n - c, k) / C(n, k) for c correct out of n samples (k <= n)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples; got n={n}")
+    if n - c < k:
+        return 1.0
+    # product form avoids huge binomials
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> bool:
+    """Majority vote over the first k extracted answers (None never wins); ties go to the answer
+    seen first. The vote is correct when a sample carrying the winning answer was graded correct."""
+    votes = [a for a in answers[:k] if a is not None]
+    if not votes:
+        return False
+    counts = Counter(votes)
+    best = max(counts.values())
+    winner = next(a for a in votes if counts[a] == best)
+    return any(ok for a, ok in zip(answers[:k], correct[:k]) if a == winner)
+
+
+def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, prompt, decoding: DecodingConfig,
+             progress=None) -> tuple[dict, list[dict]]:
+    """Decode n completions per row, grade them, and aggregate.
+
+    Returns (metrics, samples): metrics keyed "eval/..." (pass@k, maj@k, no-answer, truncation,
+    grading timeouts, tokens/s, per-type/level accuracy when rows carry them); one sample dict per
+    completion (prompt, completion, extracted answer, gold, correct).
+    """
     if not rows:
-        return {}
-    device = next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    correct, lengths, truncated = [], [], 0
-    for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        ids, mask = encode_prompts(tokenizer, [render(tokenizer, r["question"], prompt) for r in chunk], device)
-        ro = rollout(student, None, ids, mask, max_new_tokens=max_new_tokens,
-                     sampler=Sampler("student", greedy=True), stop=stop)
+        return {}, []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(decoding.seed)
+    sampler = Sampler("student", temperature=decoding.temperature, top_p=decoding.top_p, greedy=decoding.greedy)
+    prompts = [render(tokenizer, r["question"], prompt) for r in rows]
+    flat = [(i, j) for i in range(len(rows)) for j in range(decoding.n)]
+    samples: list[dict] = []
+    t0, timeouts0 = time.time(), grader.stats.timeouts
+    gen_tokens = 0
+    for start in range(0, len(flat), decoding.batch):
+        chunk = flat[start : start + decoding.batch]
+        ids, mask = encode_prompts(tokenizer, [prompts[i] for i, _ in chunk], device)
+        ro = rollout(model, None, ids, mask, max_new_tokens=decoding.max_new_tokens, sampler=sampler, stop=stop,
+                     generator=gen)
         texts = decode_completions(tokenizer, ro.tokens, ro.response_mask)
-        correct += grader.grade(texts, [r["gold"] for r in chunk])
-        lengths += ro.response_mask.sum(1).tolist()
-        truncated += int((~ro.stopped).sum())
-    student.train(was_training)
-    return {"eval/accuracy": sum(correct) / len(rows), "eval/length": sum(lengths) / len(rows),
-            "eval/truncated": truncated / len(rows)}
+        golds = [rows[i]["gold"] for i, _ in chunk]
+        graded = grader.grade(texts, [g if g is not None else "" for g in golds])
+        lengths = ro.response_mask.sum(1).tolist()
+        gen_tokens += sum(lengths)
+        for (i, j), text, ok, n_tok, stopped in zip(chunk, texts, graded, lengths, ro.stopped.tolist()):
+            samples.append({"problem": i, "sample": j, "prompt": prompts[i], "completion": text,
+                            "extracted": extract_answer(text), "gold": rows[i]["gold"],
+                            "correct": bool(ok) and rows[i]["gold"] is not None, "tokens": int(n_tok),
+                            "truncated": not stopped,
+                            **{k: rows[i][k] for k in ("type", "level", "subject") if k in rows[i]}})
+        if progress is not None:
+            progress(len(chunk))
+    seconds = time.time() - t0
+    model.train(was_training)
+    return aggregate(rows, samples, decoding, seconds, gen_tokens, grader.stats.timeouts - timeouts0), samples
+
+
+def aggregate(rows: list[dict], samples: list[dict], decoding: DecodingConfig, seconds: float, gen_tokens: int,
+              timeouts: int) -> dict:
+    """Metrics from graded samples (pure: recomputable from samples.jsonl)."""
+    by_problem: dict[int, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_problem[s["problem"]].append(s)
+    per_problem = [sorted(by_problem[i], key=lambda s: s["sample"]) for i in range(len(rows))]
+    metrics: dict = {}
+    for k in decoding.ks:
+        metrics[f"eval/pass@{k}"] = sum(pass_at_k(len(ss), sum(s["correct"] for s in ss), k)
+                                        for ss in per_problem) / len(rows)
+        metrics[f"eval/maj@{k}"] = sum(maj_at_k([s["extracted"] for s in ss], [s["correct"] for s in ss], k)
+                                       for ss in per_problem) / len(rows)
+    metrics["eval/accuracy"] = metrics["eval/pass@1"]
+    metrics["eval/no_answer"] = sum(s["extracted"] is None for s in samples) / len(samples)
+    metrics["eval/truncated"] = sum(s["truncated"] for s in samples) / len(samples)
+    metrics["eval/length"] = sum(s["tokens"] for s in samples) / len(samples)
+    metrics["eval/grading_timeouts"] = timeouts
+    metrics["eval/tokens_per_s"] = gen_tokens / max(seconds, 1e-9)
+    metrics["eval/problems"] = len(rows)
+    metrics["eval/samples_per_problem"] = decoding.n
+    for key in ("type", "subject", "level"):
+        groups: dict = defaultdict(list)
+        for s in samples:
+            if key in s:
+                groups[s[key]].append(s["correct"])
+        for name, oks in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            metrics[f"eval/{key}/{name}"] = sum(oks) / len(oks)
+    return metrics
+
+
+def greedy_accuracy(student, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, *, prompt,
+                    max_new_tokens: int, batch: int = 100) -> dict:
+    """Greedy pass@1 over `rows` (the periodic eval inside training)."""
+    metrics, _ = evaluate(student, tokenizer, rows, stop, grader, prompt,
+                          DecodingConfig(greedy=True, max_new_tokens=max_new_tokens, batch=batch))
+    return metrics

@@ -60,6 +60,14 @@ def _eos_ids(model, tok) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def stop_spec(model, tok) -> StopSpec:
+    """The stop event of a model on its own (evaluation): all its EOS ids, emitted as the first."""
+    eos = _eos_ids(model, tok)
+    if not eos:
+        raise ModelLoadError("the model has no EOS token (tokenizer eos_token or generation_config.eos_token_id)")
+    return StopSpec(stop_ids=eos, emit_id=eos[0], pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+
+
 def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
     """Refuse pairs whose vocabularies differ beyond their EOS ids; return the shared stop event."""
     vs, vt = student.config.vocab_size, teacher.config.vocab_size
@@ -73,11 +81,9 @@ def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
         raise ModelLoadError(
             f"teacher and student tokenizers map tokens to different ids (e.g. {diff}): trb needs a shared "
             f"vocabulary; pick a teacher of the same family")
-    s_eos = _eos_ids(student, s_tok)
-    if not s_eos:
-        raise ModelLoadError("the student has no EOS token (tokenizer eos_token or generation_config.eos_token_id)")
-    pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_eos[0]
-    return StopSpec(stop_ids=list(dict.fromkeys(s_eos + _eos_ids(teacher, t_tok))), emit_id=s_eos[0], pad_id=pad)
+    own = stop_spec(student, s_tok)
+    return StopSpec(stop_ids=list(dict.fromkeys(own.stop_ids + _eos_ids(teacher, t_tok))), emit_id=own.emit_id,
+                    pad_id=own.pad_id)
 
 
 def pick_device(name: str) -> torch.device:

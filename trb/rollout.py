@@ -25,6 +25,7 @@ from trb.blend import (
     skd_behavior_logprobs,
     skd_sample,
     temperature_logprobs,
+    top_p_logprobs,
     trust_region_blend,
 )
 
@@ -38,6 +39,7 @@ class Sampler:
     kind: str = "trb"  # student | trb | skd | teacher
     eps: float = 0.0  # trust-region budget for kind=trb (0 = student-only fast path)
     temperature: float = 1.0  # student sampling temperature (temperature warmup); loss stays at 1
+    top_p: float = 1.0  # student-only nucleus sampling (evaluation presets)
     skd_top_k: int = 25  # SKD: keep the student token when it is in the teacher's top-K
     skd_temperature: float = 1.0  # SKD: temperature of the replacing teacher sample
     greedy: bool = False  # argmax of the behaviour distribution instead of sampling
@@ -187,6 +189,7 @@ def rollout(
             log_mu, beta, kl = trust_region_blend(s, t, sampler.eps)
         else:  # student (or trb at eps = 0): temperature only
             log_mu = s if sampler.temperature == 1.0 else temperature_logprobs(s, sampler.temperature)
+            log_mu = top_p_logprobs(log_mu, sampler.top_p)
         if tok is None:
             tok = log_mu.argmax(-1) if sampler.greedy else sample_from_logprobs(log_mu, generator)
         live = ~done

@@ -1,0 +1,102 @@
+"""`trb eval`: evaluate one or more checkpoints and write results.json, samples.jsonl, a curve.
+
+    trb eval checkpoint=outputs/train/RUN                       # every checkpoint of a run
+    trb eval checkpoint=DIR dataset=gsm8k prompt=chat_user decoding=paper_gsm8k
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from trb.checkpoint import list_checkpoints
+from trb.config import EvalConfig, ModelConfig
+from trb.data import load_rows
+from trb.evaluate import evaluate
+from trb.grading import Grader
+from trb.models import ModelLoadError, load_model, pick_device, stop_spec
+from trb.tracking import Tracker
+
+
+def resolve_checkpoints(spec) -> list[str]:
+    """A model folder, a run dir (its checkpoints/step_* in order), toy:*, a hub id, or a list of these."""
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    out: list[str] = []
+    for item in items:
+        p = Path(str(item)).expanduser()
+        if p.is_dir() and not (p / "config.json").exists():
+            ckpts = list_checkpoints(p)
+            if not ckpts:
+                raise ModelLoadError(f"checkpoint={item!r} is a folder with neither a model (config.json) nor "
+                                     f"checkpoints/step_*; point it at a model folder or a trb run dir")
+            out += [str(c) for c in ckpts]
+        else:
+            out.append(str(item))
+    return out
+
+
+def _step_of(path: str) -> int | None:
+    m = re.search(r"step_(\d+)$", path.rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = pick_device(cfg.device)
+    checkpoints = resolve_checkpoints(cfg.checkpoint)
+    rows = load_rows(cfg.dataset, cfg.seed, role="eval")
+    n_seq = len(rows) * cfg.decoding.n
+    log(f"trb eval: {len(checkpoints)} checkpoint(s) x {len(rows)} problems x n={cfg.decoding.n} on {device}")
+    tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
+    results = []
+    from tqdm import tqdm
+
+    with Grader(workers=cfg.grader_workers) as grader:
+        for idx, ckpt in enumerate(checkpoints):
+            model, tok = load_model(ModelConfig(path=ckpt, dtype=cfg.dtype), "checkpoint", device)
+            with tqdm(total=n_seq, desc=Path(ckpt).name, dynamic_ncols=True, disable=None) as bar:
+                t0 = time.time()
+                metrics, samples = evaluate(model, tok, rows, stop_spec(model, tok), grader, cfg.prompt,
+                                            cfg.decoding, progress=bar.update)
+            metrics["eval/seconds"] = time.time() - t0
+            step = _step_of(ckpt)
+            name = f"samples_step_{step:06d}.jsonl" if step is not None and len(checkpoints) > 1 else "samples.jsonl"
+            with (out_dir / name).open("w") as f:
+                for s in samples:
+                    f.write(json.dumps(s) + "\n")
+            results.append({"checkpoint": ckpt, "step": step, "samples": name, "metrics": metrics})
+            tracker.log(metrics, step if step is not None else idx)
+            ks = " ".join(f"pass@{k} {metrics[f'eval/pass@{k}']:.3f} maj@{k} {metrics[f'eval/maj@{k}']:.3f}"
+                          for k in cfg.decoding.ks)
+            log(f"{ckpt}: {ks}  no-answer {metrics['eval/no_answer']:.3f}  truncated "
+                f"{metrics['eval/truncated']:.3f}  timeouts {metrics['eval/grading_timeouts']}  "
+                f"{metrics['eval/tokens_per_s']:.0f} tok/s")
+            del model
+        if tracker.run is not None and results:
+            import wandb
+
+            cols = ["problem", "sample", "prompt", "completion", "extracted", "gold", "correct"]
+            table = wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in samples[:1000]])
+            tracker.run.log({"eval/samples": table})
+        grading = dataclasses.asdict(grader.stats)
+    out = {"config": dataclasses.asdict(cfg), "dataset": cfg.dataset.name, "problems": len(rows),
+           "results": results, "grading": grading,
+           "curve": [{"step": r["step"], "pass@1": r["metrics"]["eval/pass@1"]} for r in results]}
+    (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    tracker.finish()
+    if len(results) > 1:
+        log("step      pass@1")
+        for r in results:
+            log(f"{str(r['step']):>8}  {r['metrics']['eval/pass@1']:.3f}")
+    log(f"results: {out_dir / 'results.json'}")
+    return out
