@@ -65,11 +65,24 @@ def test_topk_truncated_support_formula():
     lr = (s.detach() - t).gather(-1, idx)
     _, val = reverse_kl_topk(s, t, k)
     assert torch.allclose(val, (w * lr).sum(-1))
-    g_est = _grad(lambda x: reverse_kl_topk(torch.log_softmax(x, -1), t, k)[0], ls)
+    # literal reading (no baseline)
+    g_est = _grad(lambda x: reverse_kl_topk(torch.log_softmax(x, -1), t, k, baseline=False)[0], ls)
     g_ref = _grad(lambda x: (w * lr * torch.log_softmax(x, -1).gather(-1, idx)).sum(-1), ls)
     assert torch.allclose(g_est, g_ref, atol=1e-10)
     # and it differs from the full gradient (truncation is real)
     assert not torch.allclose(g_est, _grad(lambda x: exact_reverse_kl(x, lt), ls), atol=1e-3)
+    # default (baseline): exactly the gradient of KL between both distributions renormalised on S_k
+    g_base = _grad(lambda x: reverse_kl_topk(torch.log_softmax(x, -1), t, k)[0], ls)
+
+    def renormalised_kl(x):
+        p = torch.log_softmax(x.gather(-1, idx), -1)
+        q = torch.log_softmax(lt.gather(-1, idx), -1)
+        return (p.exp() * (p - q)).sum(-1)
+
+    assert torch.allclose(g_base, _grad(renormalised_kl, ls), atol=1e-10)
+    # ... which moves no logit outside S_k, so it cannot push mass onto unseen tokens
+    outside = torch.ones_like(ls, dtype=torch.bool).scatter(-1, idx, False)
+    assert g_base[outside].abs().max() < 1e-12 and g_est[outside].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("behavior", ["student", "other"])

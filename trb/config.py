@@ -107,6 +107,7 @@ class LossConfig:
 
     estimator: str = "topk"  # topk (paper) | full | sampled
     k: int = 16  # topk: size of the student's top-k support
+    topk_baseline: bool = True  # topk: centre the held log-ratios (renormalised top-k KL); false = literal reading
     importance_weight: bool = True  # sampled: weight by pi_S(y) / mu(y) on blended rollouts
     chunk_size: int = 1024  # positions per chunk of the vocabulary projection (memory bound)
 
