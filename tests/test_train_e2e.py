@@ -141,3 +141,12 @@ def test_console_script_help():
     assert r.returncode == 0 and "train" in r.stdout
     r = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "blend: constant, cosine, linear, none, step" in r.stdout
+
+
+def test_paper_model_presets_fail_fast_offline(tmp_path):
+    import time
+
+    t0 = time.time()
+    r = _cli(["train", "student=qwen3-0.6b-base", "teacher=qwen3-4b", f"hydra.run.dir={tmp_path / 'q'}"], cwd=tmp_path)
+    assert r.returncode != 0 and "Qwen/Qwen3-0.6B-Base" in r.stderr and "student.path" in r.stderr
+    assert "Traceback" not in r.stderr and time.time() - t0 < 60

@@ -136,7 +136,7 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a linear warmup to a constant lr (paper: 1e-5, warmup 15)."""
+    """AdamW with a cosine warmup, then constant lr (paper: 1e-5, warmup 15) or cosine decay."""
 
     lr: float = 1e-3  # peak learning rate
     beta1: float = 0.9  # AdamW beta1
@@ -144,9 +144,13 @@ class OptimConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     warmup_steps: int = 15  # lr warmup steps (cosine ramp from 0)
+    decay: str = "constant"  # after warmup: constant (paper) | cosine (down to min_lr_ratio * lr at the last step)
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        _check(self.decay in ("constant", "cosine"), f"optim.decay must be constant or cosine; got {self.decay!r}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {self.warmup_steps}")
         _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
 

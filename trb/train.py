@@ -41,11 +41,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    """Cosine ramp from 0 to 1 over `warmup` steps, then constant (the paper's lr schedule)."""
-    if step >= warmup:
+def lr_factor(step: int, warmup: int, total: int = 0, decay: str = "constant", floor: float = 0.1) -> float:
+    """Cosine ramp from 0 to 1 over `warmup` steps, then constant (the paper) or a cosine decay
+    that reaches `floor` at the last step."""
+    if step < warmup:
+        return 0.5 * (1 - math.cos(math.pi * (step + 1) / (warmup + 1)))
+    if decay == "constant" or total <= warmup + 1:
         return 1.0
-    return 0.5 * (1 - math.cos(math.pi * (step + 1) / (warmup + 1)))
+    frac = (step - warmup) / (total - 1 - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 def _quantiles(x: torch.Tensor) -> tuple[float, float]:
@@ -187,7 +191,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         # 3. student forward + loss + update
         student.train()
         for g in opt.param_groups:
-            g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps)
+            g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.decay,
+                                               cfg.optim.min_lr_ratio)
         h_s = response_hidden(student, seq, smask, ids.shape[1], m)
         loss, kl_value = chunked_distill_loss(
             h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
