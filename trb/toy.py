@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -148,6 +149,8 @@ class ToyModelRecipe:
     batch: int = 64
     warmup: int = 50
     seed: int = 0
+    min_lr_ratio: float = 0.1  # cosine decay floor; 1.0 = constant lr after warmup
+    corrupt: float = 0.0  # fraction of solutions with one wrong intermediate result (loss-masked)
 
 
 @dataclass(frozen=True)
@@ -156,12 +159,12 @@ class ToyRecipe:
 
     task: ToyTask = field(default_factory=ToyTask)
     teacher: ToyModelRecipe = field(
-        default_factory=lambda: ToyModelRecipe(128, 4, 4, 2, 384, "<|im_end|>", steps=3000, lr=3e-3, batch=32,
-                                               seed=1)
+        default_factory=lambda: ToyModelRecipe(128, 4, 4, 2, 384, "<|im_end|>", steps=2500, lr=3e-3, batch=32,
+                                               seed=1, corrupt=0.5)
     )
     student: ToyModelRecipe = field(
-        default_factory=lambda: ToyModelRecipe(64, 4, 2, 1, 192, "<|endoftext|>", steps=200, lr=3e-3, batch=32,
-                                               seed=2)
+        default_factory=lambda: ToyModelRecipe(64, 4, 2, 1, 192, "<|endoftext|>", steps=500, lr=1e-3, batch=32,
+                                               seed=2, min_lr_ratio=1.0)
     )
     train_problems: int = 20_000
 
@@ -195,24 +198,55 @@ def render_prompt(tokenizer, question: str) -> str:
                                          add_generation_prompt=True)
 
 
+def corrupted_solution(question: str, rng: random.Random) -> tuple[str, list[bool]]:
+    """A worked solution with one intermediate result raised by 1-9 and every later step computed
+    consistently from the wrong value, plus a per-character train mask that is False on the wrong
+    number. A teacher trained on these continues sensibly from a student's mistakes (as real LLM
+    teachers do) instead of meeting prefixes it has never seen."""
+    parts = re.findall(r"\d+|[+\-*]", question)
+    value, steps = int(parts[0]), []
+    bad = rng.randrange((len(parts) - 1) // 2)
+    text, mask = "", []
+    for k, (op, b) in enumerate(zip(parts[1::2], parts[2::2])):
+        new = value + int(b) if op == "+" else value - int(b) if op == "-" else value * int(b)
+        wrong = k == bad
+        if wrong:
+            new += rng.randint(1, 9)  # upwards only: later subtractions stay >= 0
+        head = f"{', ' if k else ''}{value}{op}{b}="
+        text += head + str(new)
+        mask += [True] * len(head) + [not wrong] * len(str(new))
+        value = new
+    tail = f", so \\boxed{{{value}}}"
+    return text + tail, mask + [True] * len(tail)
+
+
 def _sft_batches(rows: list[dict], tokenizer, recipe: ToyModelRecipe, rng: random.Random):
-    """Yield (input_ids, labels, attention_mask) batches; loss only on the response + EOS."""
+    """Yield (input_ids, labels, attention_mask) batches; loss only on the response + EOS (and,
+    for corrupted solutions, not on the injected wrong number). One token per character."""
     eos_id = tokenizer.convert_tokens_to_ids(recipe.eos)
-    encoded = []
-    for row in rows:
-        p = tokenizer(render_prompt(tokenizer, row["question"]), add_special_tokens=False)["input_ids"]
-        r = tokenizer(row["solution"], add_special_tokens=False)["input_ids"] + [eos_id]
-        encoded.append((p, r))
+    prompts = [tokenizer(render_prompt(tokenizer, row["question"]), add_special_tokens=False)["input_ids"]
+               for row in rows]
     while True:
-        batch = rng.sample(encoded, recipe.batch)
-        width = max(len(p) + len(r) for p, r in batch)
+        picks = rng.sample(range(len(rows)), recipe.batch)
+        batch = []
+        for i in picks:
+            if recipe.corrupt and rng.random() < recipe.corrupt:
+                text, keep = corrupted_solution(rows[i]["question"], rng)
+            else:
+                text = rows[i]["solution"]
+                keep = [True] * len(text)
+            r = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
+            batch.append((prompts[i], r, keep + [True]))
+        width = max(len(p) + len(r) for p, r, _ in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (p, r) in enumerate(batch):
+        for i, (p, r, keep) in enumerate(batch):
             seq = p + r
             ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(r)
+            lab = torch.tensor(r)
+            lab[~torch.tensor(keep)] = -100
+            labels[i, len(p) : len(seq)] = lab
             mask[i, : len(seq)] = 1
         yield ids, labels, mask
 
@@ -234,7 +268,7 @@ def train_toy_model(recipe: ToyModelRecipe, tokenizer, rows: list[dict], log=pri
         warm = min(1.0, (step + 1) / recipe.warmup)
         decay = 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         for g in opt.param_groups:
-            g["lr"] = recipe.lr * warm * (0.1 + 0.9 * decay)
+            g["lr"] = recipe.lr * warm * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * decay)
         ids, labels, mask = next(batches)
         # shift inside the model: labels are aligned with input_ids
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
