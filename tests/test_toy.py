@@ -69,5 +69,5 @@ def test_shipped_models_match_the_default_recipe():
     meta = json.loads((ASSETS / "recipe.json").read_text())
     assert meta["digest"] == ToyRecipe().digest()
     assert meta["greedy_accuracy_200"]["teacher"] >= 0.9
-    assert meta["greedy_accuracy_200"]["student"] <= 0.2
+    assert meta["greedy_accuracy_200"]["student"] <= 0.5  # clearly below the teacher
     assert dataclasses.asdict(ToyRecipe())["teacher"]["steps"] == meta["teacher"]["steps"]

@@ -187,9 +187,9 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    steps: int = 150  # optimiser steps (one rollout batch each)
+    steps: int = 400  # optimiser steps (one rollout batch each)
     prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
-    eval_every: int = 50  # greedy eval on the held-out split every N steps (0 = only start and end)
+    eval_every: int = 100  # greedy eval on the held-out split every N steps (0 = only start and end)
     eval_batch: int = 100  # prompts per eval decoding batch
     save_every: int = 0  # checkpoint every N steps (0 = only the final one)
     seed: int = 0  # seeds data order, sampling and init

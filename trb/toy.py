@@ -204,7 +204,7 @@ def corrupted_solution(question: str, rng: random.Random) -> tuple[str, list[boo
     number. A teacher trained on these continues sensibly from a student's mistakes (as real LLM
     teachers do) instead of meeting prefixes it has never seen."""
     parts = re.findall(r"\d+|[+\-*]", question)
-    value, steps = int(parts[0]), []
+    value = int(parts[0])
     bad = rng.randrange((len(parts) - 1) // 2)
     text, mask = "", []
     for k, (op, b) in enumerate(zip(parts[1::2], parts[2::2])):

@@ -198,7 +198,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         h_s = response_hidden(student, seq, smask, ids.shape[1], m)
         loss, kl_value = chunked_distill_loss(
             h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
-            estimator=cfg.loss.estimator, k=cfg.loss.k, topk_baseline=cfg.loss.topk_baseline, tokens=tokens, behavior_logprobs=ro.behavior_logp[m],
+            estimator=cfg.loss.estimator, k=cfg.loss.k, topk_baseline=cfg.loss.topk_baseline, tokens=tokens,
+            behavior_logprobs=ro.behavior_logp[m],
             importance_weight=cfg.loss.importance_weight, stop_ids=stop.stop_ids, canonical_stop=stop.emit_id,
             chunk_size=cfg.loss.chunk_size,
         )
