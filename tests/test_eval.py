@@ -107,6 +107,9 @@ def test_trb_eval_cli_writes_consistent_results(tmp_path):
 
     model, tok = tiny_model(scale=3.0)
     ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck.parent / "train_config.json").write_text("{}")
+    (ck.parent / "config.json").write_text("{}")  # a stray config.json must not make the run dir look like a model
     for step in (1, 2):  # a run dir with two checkpoints -> a curve
         model.save_pretrained(ck / f"step_{step:06d}")
         tok.save_pretrained(ck / f"step_{step:06d}")

@@ -116,7 +116,7 @@ def test_multirun_leaves_one_dir_per_job_grouped_in_wandb(pair, tmp_path):
         assert len([x for x in read_metrics(sweep / job) if "loss" in x]) == 2
         # W&B ran offline into the job's dir, grouped by the sweep
         assert list((sweep / job / "wandb").glob("offline-run-*"))
-        assert json.loads((sweep / job / "config.json").read_text())["logger"]["group"] == "sweep"
+        assert json.loads((sweep / job / "train_config.json").read_text())["logger"]["group"] == "sweep"
 
 
 def test_bad_config_fails_with_named_setting(pair, tmp_path):

@@ -12,14 +12,12 @@ import re
 import time
 from pathlib import Path
 
-import torch
-
 from trb.checkpoint import list_checkpoints
 from trb.config import EvalConfig, ModelConfig
 from trb.data import load_rows
 from trb.evaluate import evaluate
 from trb.grading import Grader
-from trb.models import ModelLoadError, load_model, pick_device, stop_spec
+from trb.models import ModelLoadError, load_model, prepare_run, stop_spec
 from trb.tracking import Tracker
 
 
@@ -29,7 +27,7 @@ def resolve_checkpoints(spec) -> list[str]:
     out: list[str] = []
     for item in items:
         p = Path(str(item)).expanduser()
-        if p.is_dir() and not (p / "config.json").exists():
+        if p.is_dir() and ((p / "checkpoints").is_dir() or not (p / "config.json").exists()):
             ckpts = list_checkpoints(p)
             if not ckpts:
                 raise ModelLoadError(f"checkpoint={item!r} is a folder with neither a model (config.json) nor "
@@ -46,13 +44,7 @@ def _step_of(path: str) -> int | None:
 
 
 def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    device = pick_device(cfg.device)
+    out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
     checkpoints = resolve_checkpoints(cfg.checkpoint)
     rows = load_rows(cfg.dataset, cfg.seed, role="eval")
     n_seq = len(rows) * cfg.decoding.n
@@ -70,7 +62,10 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                                             cfg.decoding, progress=bar.update)
             metrics["eval/seconds"] = time.time() - t0
             step = _step_of(ckpt)
-            name = f"samples_step_{step:06d}.jsonl" if step is not None and len(checkpoints) > 1 else "samples.jsonl"
+            if len(checkpoints) == 1:
+                name = "samples.jsonl"
+            else:
+                name = f"samples_step_{step:06d}.jsonl" if step is not None else f"samples_{idx}.jsonl"
             with (out_dir / name).open("w") as f:
                 for s in samples:
                     f.write(json.dumps(s) + "\n")

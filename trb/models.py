@@ -90,3 +90,14 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def prepare_run(run_dir, threads: int, device: str) -> tuple[Path, torch.device]:
+    """Create the run dir, set torch's CPU threads, quiet transformers' progress bars, pick the device."""
+    from transformers.utils import logging as hf_logging
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    return run_dir, pick_device(device)

@@ -29,7 +29,7 @@ from trb.data import load_rows, render
 from trb.evaluate import decode_completions, encode_prompts, greedy_accuracy
 from trb.grading import Grader
 from trb.losses import chunked_distill_loss
-from trb.models import check_pair, load_model, pick_device
+from trb.models import check_pair, load_model, prepare_run
 from trb.rollout import Sampler, response_hidden, rollout, score_tokens
 from trb.tracking import Tracker
 
@@ -101,14 +101,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     """Run distillation; write metrics.jsonl, checkpoints and summary.json into run_dir.
 
     Returns the summary (also in summary.json) plus the trained model under "student"."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    run_dir, device = prepare_run(run_dir, cfg.threads, cfg.device)
     gen = seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
     if device.type == "cuda":
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -125,7 +119,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
                             weight_decay=cfg.optim.weight_decay)
     schedule = cfg.blend.schedule()
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     grader = Grader(workers=1)
     batches = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
     skipped_long = 0
