@@ -13,7 +13,7 @@ repeating rows, stop at the canonical EOS or `max_new_tokens`.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -83,7 +83,6 @@ class Rollout:
     teacher_entropy: torch.Tensor  # [B, T] H(pi_T(.|h_t)) (NaN until scored if not decoded)
     stopped: torch.Tensor  # [B] bool, ended with the stop token (else truncated)
     teacher_decoded: bool = False
-    extras: dict = field(default_factory=dict)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, P+T], attention mask [B, P+T]) of prompt + completion."""
