@@ -114,3 +114,17 @@ def test_eos_mapping_emits_student_eos():
                  stop=_stop(student, tok, teacher), generator=torch.Generator().manual_seed(0))
     assert not (ro.tokens == im_end).any()
     assert math.isfinite(float(ro.behavior_logp[ro.response_mask].sum()))
+
+
+def test_encode_batch_skips_and_counts_long_prompts():
+    from trb.config import PromptConfig
+    from trb.train import encode_batch
+
+    _, tok = tiny_model()
+    rows = [{"question": "What is 1+2?"}, {"question": "What is " + "1+" * 40 + "1?"}, {"question": "What is 3?"}]
+    kept, ids, mask, skipped = encode_batch(tok, rows, PromptConfig(), 40, "cpu")
+    assert skipped == 1 and [r["question"] for r in kept] == ["What is 1+2?", "What is 3?"]
+    assert ids.shape == mask.shape and ids.shape[1] == int(mask.sum(1).max()) <= 40
+    assert mask[:, -1].all()  # still left-padded: every kept prompt ends at the last column
+    kept, ids, _, skipped = encode_batch(tok, rows, PromptConfig(), 1000, "cpu")
+    assert skipped == 0 and len(kept) == 3

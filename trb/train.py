@@ -73,6 +73,20 @@ def prompt_batches(rows: list[dict], per_step: int, seed: int):
             yield epoch, [rows[j] for j in (order * per_step)[:per_step]]
 
 
+def encode_batch(tok, rows: list[dict], prompt, max_prompt_tokens: int, device):
+    """Render and left-pad a batch of prompts, dropping those longer than max_prompt_tokens.
+
+    Returns (kept rows, ids [B, P], mask [B, P], number skipped)."""
+    ids, mask = encode_prompts(tok, [render(tok, r["question"], prompt) for r in rows], device)
+    keep = mask.sum(1) <= max_prompt_tokens
+    if bool(keep.all()):
+        return rows, ids, mask, 0
+    rows = [r for r, k in zip(rows, keep.tolist()) if k]
+    ids, mask = ids[keep], mask[keep]
+    width = int(mask.sum(1).max()) if rows else 0
+    return rows, ids[:, ids.shape[1] - width :], mask[:, mask.shape[1] - width :], int((~keep).sum())
+
+
 def rollout_metrics(ro, rewards: list[bool], eps: float) -> dict:
     m = ro.response_mask
     beta, kl = ro.beta[m].float(), ro.kl[m].float()
@@ -146,17 +160,10 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         t0 = time.time()
         eps = schedule(step)
         epoch, rows = next(batches)
-        texts = [render(tok, r["question"], cfg.prompt) for r in rows]
-        ids, mask = encode_prompts(tok, texts, device)
-        if ids.shape[1] > cfg.rollout.max_prompt_tokens:
-            keep = mask.sum(1) <= cfg.rollout.max_prompt_tokens
-            skipped_long += int((~keep).sum())
-            rows = [r for r, k in zip(rows, keep.tolist()) if k]
-            ids, mask = ids[keep], mask[keep]
-            if not rows:
-                continue
-            width = int(mask.sum(1).max())
-            ids, mask = ids[:, -width:], mask[:, -width:]
+        rows, ids, mask, skipped = encode_batch(tok, rows, cfg.prompt, cfg.rollout.max_prompt_tokens, device)
+        skipped_long += skipped
+        if not rows:
+            continue
         n = cfg.rollout.n
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         golds = [r["gold"] for r in rows for _ in range(n)]
