@@ -30,6 +30,11 @@ def _as_work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def safe_prod(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w * x with 0 wherever w == 0, so 0 * inf from zero-probability tokens stays 0."""
+    return torch.where(w > 0, w * x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def kl_divergence(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row.
 
@@ -39,9 +44,7 @@ def kl_divergence(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.T
     """
     p = _as_work(p_logprobs)
     q = _as_work(q_logprobs).to(p.dtype)
-    prob = p.exp()
-    terms = torch.where(prob > 0, prob * (p - q), torch.zeros((), dtype=p.dtype, device=p.device))
-    return terms.sum(-1)
+    return safe_prod(p.exp(), p - q).sum(-1)
 
 
 def _mix(s: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -76,13 +79,8 @@ def _kl_at(s: torch.Tensor, r: torch.Tensor, beta: torch.Tensor) -> torch.Tensor
     Computed as sum mu * (log mu - log pi_S) on the normalised blend, which keeps the tiny-KL
     regime accurate (no cancellation between two large terms).
     """
-    b = beta.unsqueeze(-1)
-    z = s + b * r  # -inf where either model is 0
-    log_mu = torch.log_softmax(z, dim=-1)
-    mu = log_mu.exp()
-    diff = log_mu - s
-    terms = torch.where(mu > 0, mu * diff, torch.zeros((), dtype=s.dtype, device=s.device))
-    return terms.sum(-1)
+    log_mu = torch.log_softmax(s + beta.unsqueeze(-1) * r, dim=-1)  # -inf where either model is 0
+    return kl_divergence(log_mu, s)
 
 
 def trust_region_beta(

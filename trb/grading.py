@@ -25,8 +25,6 @@ STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports math-verify (sympy) before i
 def _verify(completion: str, gold: str, timeout_s: int) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    if len(completion) > MAX_CHARS:
-        completion = completion[-MAX_CHARS:]
     last_box = completion.rfind("\\boxed")
     if last_box >= 0:  # the final answer is the last box (math-verify would take the first)
         completion = completion[last_box:]

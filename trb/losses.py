@@ -23,19 +23,14 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from trb.blend import canonicalize_eos
+from trb.blend import canonicalize_eos, safe_prod
 
 ESTIMATORS = ("full", "topk", "sampled")
 
 
-def _safe_prod(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w * x with 0 wherever w == 0 (so 0 * inf from zero-probability tokens stays 0)."""
-    return torch.where(w > 0, w * x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def reverse_kl_full(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor):
     """Exact KL(pi_S || pi_T) per row. [N, V] -> (surrogate [N], value [N])."""
-    kl = _safe_prod(student_logprobs.exp(), student_logprobs - teacher_logprobs).sum(-1)
+    kl = safe_prod(student_logprobs.exp(), student_logprobs - teacher_logprobs).sum(-1)
     return kl, kl.detach()
 
 
@@ -59,9 +54,9 @@ def reverse_kl_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tens
     t_k = teacher_logprobs.detach().gather(-1, idx)
     w = torch.softmax(s_det.gather(-1, idx), dim=-1)
     log_ratio = s_k.detach() - t_k
-    value = _safe_prod(w, log_ratio).sum(-1)
+    value = safe_prod(w, log_ratio).sum(-1)
     centred = log_ratio - value.unsqueeze(-1) if baseline else log_ratio
-    score = _safe_prod(w, centred * s_k).sum(-1)  # gradient: sum_a w_a (r_a - b) grad s_a
+    score = safe_prod(w, centred * s_k).sum(-1)  # gradient: sum_a w_a (r_a - b) grad s_a
     surrogate = value + score - score.detach()
     return surrogate, value
 
@@ -93,7 +88,7 @@ def reverse_kl_sampled(
 
 def forward_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor):
     """Exact KL(pi_T || pi_S) per row (supervised direction). [N, V] -> (surrogate, value)."""
-    kl = _safe_prod(teacher_logprobs.detach().exp(), teacher_logprobs.detach() - student_logprobs).sum(-1)
+    kl = safe_prod(teacher_logprobs.detach().exp(), teacher_logprobs.detach() - student_logprobs).sum(-1)
     return kl, kl.detach()
 
 

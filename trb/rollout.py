@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from trb.blend import (
     canonicalize_eos,
     kl_divergence,
+    safe_prod,
     sample_from_logprobs,
     skd_behavior_logprobs,
     skd_sample,
@@ -109,29 +110,20 @@ class _Stepper:
         self.model = model
         self.key = _cache_kwarg(model)
         self.mask = prompt_mask.long()
-        self.pos = positions_from_mask(self.mask)[:, -1:]
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=self.mask,
-            position_ids=positions_from_mask(self.mask),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.key: DynamicCache(config=model.config)},
-        )
-        self.cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
-        self.logits = out.logits[:, -1]
+        positions = positions_from_mask(self.mask)
+        self.pos = positions[:, -1:]
+        self.cache = DynamicCache(config=model.config)
+        self._forward(prompt_ids, positions)  # prefill
 
     def advance(self, tokens: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.pos = self.pos + 1
-        out = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.pos,
-            use_cache=True,
-            **{self.key: self.cache},
-        )
-        self.cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+        self._forward(tokens[:, None], self.pos)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{self.key: self.cache})
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         self.logits = out.logits[:, -1]
 
 
@@ -140,8 +132,7 @@ def _logprobs(logits: torch.Tensor, stop: StopSpec) -> torch.Tensor:
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return -safe_prod(logp.exp(), logp).sum(-1)
 
 
 @torch.no_grad()

@@ -138,7 +138,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     batches = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
     skipped_long = 0
 
-    def run_eval(step: int) -> dict:
+    evals: list[dict] = []  # one record per eval run: {"step": k, "eval/...": ...}
+
+    def run_eval(step: int) -> None:
         t0 = time.time()
         res = greedy_accuracy(student, tok, eval_rows, stop, grader, prompt=cfg.prompt,
                               max_new_tokens=cfg.rollout.max_new_tokens, batch=cfg.eval_batch)
@@ -146,12 +148,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
             res["time/eval"] = time.time() - t0
             tracker.log(res, step)
             log(f"step {step:5d}  eval accuracy {res['eval/accuracy']:.3f}")
-        return res
+            evals.append({"step": step, **res})
 
-    history = {"eval": []}
-    first = run_eval(0)
-    if first:
-        history["eval"].append({"step": 0, **first})
+    run_eval(0)
     t_start = time.time()
     from tqdm import tqdm
 
@@ -231,19 +230,16 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         }
         tracker.log(metrics, step)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{eps:.4f}", reward=f"{metrics['rollout/reward']:.2f}",
-                        acc=f"{history['eval'][-1]['eval/accuracy']:.2f}" if history["eval"] else "-")
+                        acc=f"{evals[-1]['eval/accuracy']:.2f}" if evals else "-")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            res = run_eval(done)
-            if res:
-                history["eval"].append({"step": done, **res})
+            run_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             save_checkpoint(run_dir, done, student, tok, opt, {"eps": eps})
 
     bar.close()
-    final = run_eval(cfg.steps) if cfg.steps else {}
-    if final:
-        history["eval"].append({"step": cfg.steps, **final})
+    if cfg.steps:
+        run_eval(cfg.steps)
     ckpt = save_checkpoint(run_dir, cfg.steps, student, tok, opt, {"eps": schedule(cfg.steps)})
     tracker.log_artifact(ckpt, f"student-{run_dir.name}")
     summary = {
@@ -251,9 +247,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         "checkpoint": str(ckpt),
         "steps": cfg.steps,
         "train_seconds": time.time() - t_start,
-        "accuracy_before": history["eval"][0]["eval/accuracy"] if history["eval"] else None,
-        "accuracy_after": history["eval"][-1]["eval/accuracy"] if history["eval"] else None,
-        "eval": history["eval"],
+        "accuracy_before": evals[0]["eval/accuracy"] if evals else None,
+        "accuracy_after": evals[-1]["eval/accuracy"] if evals else None,
+        "eval": evals,
         "grading": dataclasses.asdict(grader.stats),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
