@@ -13,6 +13,8 @@ from trb.losses import ESTIMATORS
 from trb.schedules import Schedule
 
 BLEND_KINDS = ("none", "constant", "linear", "cosine", "step")
+METHODS = ("opd", "trb", "fixed", "skd", "veto", "temp_warmup", "sft_warmup")
+STUDENT_ONLY_METHODS = ("opd", "skd", "veto", "temp_warmup", "sft_warmup")  # no trust-region budget
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,6 +56,49 @@ class BlendConfig:
         if self.kind == "none":
             return Schedule("constant", 0.0, 0)
         return Schedule(self.kind, self.eps0, self.horizon, tuple(self.milestones), self.gamma)
+
+
+@dataclass
+class MethodConfig:
+    """Which distillation method (method.md section 5): only the sampler, target or start differs.
+
+    opd: student rollouts. trb: the trust-region blend with the blend schedule (linear, cosine,
+    step). fixed: the trust-region blend with a constant eps. skd: student token kept when in the
+    teacher's top-K, else a fresh teacher sample at temperature tau_T. veto: student rollouts,
+    target q ~ p_T * p_S^B with B decaying linearly to 0. temp_warmup: student rollouts whose
+    temperature rises linearly to 1. sft_warmup: SFT on teacher samples, then OPD."""
+
+    name: str = "trb"  # opd | trb | fixed | skd | veto | temp_warmup | sft_warmup
+    skd_top_k: int = 25  # skd: K (paper sweep 15, 25, 50)
+    skd_temperature: float = 1.0  # skd: tau_T of the replacing teacher sample (paper sweep 0.2, 0.6, 1.0)
+    veto_b_start: float = 0.4  # veto: B at step 0 (paper sweep 0.2 .. 0.8)
+    veto_horizon: int = 25  # veto: B reaches 0 at this step
+    temp_start: float = 0.9  # temp_warmup: tau_0 (paper sweep 0.8, 0.9, 0.95)
+    temp_horizon: int = 25  # temp_warmup: temperature reaches 1.0 at this step (paper 15 or 25)
+    sft_updates: int = 25  # sft_warmup: SFT updates before OPD (paper 15, 25, 50); they count as steps
+    sft_prompt_steps: int = 50  # sft_warmup: teacher samples for the prompts of this many first steps
+    sft_samples: int = 4  # sft_warmup: teacher samples per prompt
+
+    def __post_init__(self) -> None:
+        _check(self.name in METHODS, f"method.name must be one of {', '.join(METHODS)}; got {self.name!r}")
+        _check(self.skd_top_k >= 1, f"method.skd_top_k (K) must be >= 1; got {self.skd_top_k}")
+        _check(self.skd_temperature > 0, f"method.skd_temperature must be > 0; got {self.skd_temperature}")
+        _check(self.veto_b_start >= 0, f"method.veto_b_start must be >= 0; got {self.veto_b_start}")
+        _check(self.veto_horizon >= 0, f"method.veto_horizon must be >= 0; got {self.veto_horizon}")
+        _check(0 < self.temp_start, f"method.temp_start must be > 0; got {self.temp_start}")
+        _check(self.temp_horizon >= 0, f"method.temp_horizon must be >= 0; got {self.temp_horizon}")
+        _check(self.sft_updates >= 0, f"method.sft_updates must be >= 0; got {self.sft_updates}")
+        _check(self.sft_prompt_steps >= 1, f"method.sft_prompt_steps must be >= 1; got {self.sft_prompt_steps}")
+        _check(self.sft_samples >= 1, f"method.sft_samples must be >= 1; got {self.sft_samples}")
+
+    def veto_schedule(self) -> Schedule:
+        return Schedule("linear", self.veto_b_start, self.veto_horizon)
+
+    def temperature(self, step: int) -> float:
+        """Rollout temperature at `step` (temp_warmup: tau_0 -> 1 linearly; others 1)."""
+        if self.name != "temp_warmup":
+            return 1.0
+        return 1.0 - Schedule("linear", 1.0 - self.temp_start, self.temp_horizon)(step)
 
 
 @dataclass
@@ -179,6 +224,7 @@ class TrainConfig:
 
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+    method: MethodConfig = field(default_factory=MethodConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's held-out rows)
@@ -203,6 +249,15 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
         _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
+        name, kind = self.method.name, self.blend.kind
+        _check(name not in STUDENT_ONLY_METHODS or kind == "none",
+               f"method={name} samples without a trust region, but blend={kind}: drop the blend override "
+               f"(method={name} sets blend=none) or use method=trb / method=fixed")
+        _check(name != "trb" or kind not in ("none", "constant"),
+               f"method=trb anneals eps with blend=linear|cosine|step; got blend={kind} "
+               f"(use method=fixed for a constant eps, method=opd for none)")
+        _check(name != "fixed" or kind == "constant",
+               f"method=fixed keeps eps constant: it needs blend=constant; got blend={kind}")
 
 
 @dataclass

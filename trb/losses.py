@@ -188,3 +188,35 @@ def chunked_distill_loss(
         total = total + sur
         total_value = total_value + val.detach()
     return total / n, total_value / n
+
+
+def chunked_nll_loss(
+    student_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    *,
+    stop_ids: list[int] | None = None,
+    canonical_stop: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Token-mean negative log-likelihood of `tokens` [N] (SFT on teacher samples), chunked and
+    checkpointed like `chunked_distill_loss`. EOS canonicalisation makes any stop id count as
+    the student's own EOS."""
+    n = student_hidden.shape[0]
+    if n == 0:
+        return student_hidden.sum() * 0.0
+
+    def chunk_nll(h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        s = torch.log_softmax(student_head(h).float(), dim=-1)
+        if stop_ids and canonical_stop is not None:
+            s = canonicalize_eos(s, stop_ids, canonical_stop)
+        return -s.gather(-1, tok[:, None]).sum()
+
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and student_hidden.requires_grad and n > chunk_size:
+            total = total + checkpoint(chunk_nll, student_hidden[sl], tokens[sl], use_reentrant=False)
+        else:
+            total = total + chunk_nll(student_hidden[sl], tokens[sl])
+    return total / n

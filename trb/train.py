@@ -28,7 +28,7 @@ from trb.config import TrainConfig
 from trb.data import load_rows, render
 from trb.evaluate import decode_completions, encode_prompts, greedy_accuracy
 from trb.grading import Grader
-from trb.losses import chunked_distill_loss
+from trb.losses import chunked_distill_loss, chunked_nll_loss
 from trb.models import check_pair, load_model, prepare_run
 from trb.rollout import Sampler, response_hidden, rollout, score_tokens
 from trb.tracking import Tracker
@@ -111,6 +111,140 @@ def rollout_metrics(ro, rewards: list[bool], eps: float) -> dict:
     }
 
 
+def make_sampler(cfg: TrainConfig, step: int, eps: float) -> Sampler:
+    """The behaviour policy of `cfg.method` at optimiser step `step` (eps from the blend schedule)."""
+    m = cfg.method
+    if m.name == "skd":
+        return Sampler("skd", skd_top_k=m.skd_top_k, skd_temperature=m.skd_temperature)
+    if m.name in ("trb", "fixed"):
+        return Sampler("trb", eps=eps, temperature=cfg.rollout.temperature)
+    return Sampler("student", temperature=cfg.rollout.temperature * m.temperature(step))
+
+
+def set_lr(cfg: TrainConfig, opt, step: int) -> None:
+    for g in opt.param_groups:
+        g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.decay,
+                                           cfg.optim.min_lr_ratio)
+
+
+def _update(cfg: TrainConfig, student, opt, loss: torch.Tensor, step: int) -> float:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is kept")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
+    opt.step()
+    return float(gnorm)
+
+
+def build_sft_pool(cfg: TrainConfig, student, teacher, tok, train_rows, stop, gen, device, log) -> list:
+    """sft_warmup: teacher samples (method.sft_samples per prompt) for the prompts of the first
+    method.sft_prompt_steps steps (the same prompt stream the other methods see), one entry per
+    step: (sequence ids, attention mask, prompt length, response mask)."""
+    m = cfg.method
+    t0 = time.time()
+    stream = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
+    pool = []
+    for _ in range(min(m.sft_prompt_steps, max(m.sft_updates, 1))):
+        _, rows = next(stream)
+        rows, ids, mask, _ = encode_batch(tok, rows, cfg.prompt, cfg.rollout.max_prompt_tokens, device)
+        if not rows:
+            continue
+        ids, mask = ids.repeat_interleave(m.sft_samples, 0), mask.repeat_interleave(m.sft_samples, 0)
+        ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens,
+                     sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=stop, generator=gen)
+        seq, smask = ro.sequences()
+        pool.append((seq, smask, ids.shape[1], ro.response_mask))
+    n_seq = sum(p[0].shape[0] for p in pool)
+    log(f"sft_warmup: {n_seq} teacher samples for the prompts of {len(pool)} steps in {time.time() - t0:.1f} s; "
+        f"{m.sft_updates} SFT updates, then OPD")
+    return pool
+
+
+def sft_step(cfg: TrainConfig, student, opt, batch, stop, step: int) -> dict:
+    """One supervised update on teacher samples (token-mean NLL of the teacher's tokens)."""
+    t0 = time.time()
+    seq, smask, prompt_len, m = batch
+    student.train()
+    set_lr(cfg, opt, step)
+    h_s = response_hidden(student, seq, smask, prompt_len, m)
+    loss = chunked_nll_loss(h_s, student.get_output_embeddings(), seq[:, prompt_len:][m], stop_ids=stop.stop_ids,
+                            canonical_stop=stop.emit_id, chunk_size=cfg.loss.chunk_size)
+    gnorm = _update(cfg, student, opt, loss, step)
+    return {"loss": float(loss.detach()), "sft/nll": float(loss.detach()), "sft/active": 1.0, "eps": 0.0,
+            "grad_norm": gnorm, "lr": opt.param_groups[0]["lr"], "time/step": time.time() - t0,
+            "rollout/length": float(m.sum(1).float().mean())}
+
+
+def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, gen, device, step: int,
+             eps: float, veto_b: float) -> dict | None:
+    """One on-policy distillation step under the method's sampler: rollouts, rewards, teacher
+    scores, loss, update. Returns the step's metrics (None when every prompt was too long)."""
+    t0 = time.time()
+    rows, ids, mask, skipped = encode_batch(tok, rows, cfg.prompt, cfg.rollout.max_prompt_tokens, device)
+    if not rows:
+        return None
+    n = cfg.rollout.n
+    ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    golds = [r["gold"] for r in rows for _ in range(n)]
+
+    # 1. rollouts under the behaviour policy
+    student.eval()
+    sampler = make_sampler(cfg, step, eps)
+    ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
+                 stop=stop, generator=gen)
+    t_roll = time.time()
+    # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
+    rewards = (grader.grade(decode_completions(tok, ro.tokens, ro.response_mask), golds)
+               if all(g is not None for g in golds) else [])
+    t_grade = time.time()
+
+    # 2. teacher forward over the finished sequences (one prefill)
+    seq, smask = ro.sequences()
+    m = ro.response_mask
+    tokens = ro.tokens[m]
+    with torch.no_grad():
+        h_t = response_hidden(teacher, seq, smask, ids.shape[1], m)
+        if not ro.teacher_decoded:
+            t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, tokens, stop)
+            ro.teacher_logp[m] = t_lp
+            ro.teacher_entropy[m] = t_ent
+    t_teacher = time.time()
+
+    # 3. student forward + loss + update
+    student.train()
+    set_lr(cfg, opt, step)
+    h_s = response_hidden(student, seq, smask, ids.shape[1], m)
+    loss, kl_value = chunked_distill_loss(
+        h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
+        estimator=cfg.loss.estimator, k=cfg.loss.k, topk_baseline=cfg.loss.topk_baseline, tokens=tokens,
+        behavior_logprobs=ro.behavior_logp[m], importance_weight=cfg.loss.importance_weight, veto_b=veto_b,
+        stop_ids=stop.stop_ids, canonical_stop=stop.emit_id, chunk_size=cfg.loss.chunk_size,
+    )
+    gnorm = _update(cfg, student, opt, loss, step)
+    t_end = time.time()
+
+    n_tok = int(m.sum())
+    return {
+        "loss": float(loss.detach()),
+        "kl_estimate": float(kl_value),
+        "grad_norm": gnorm,
+        "lr": opt.param_groups[0]["lr"],
+        **rollout_metrics(ro, rewards, sampler.eps),
+        "rollout/temperature": sampler.temperature if sampler.kind in ("student", "trb") else 1.0,
+        "veto/b": veto_b,
+        "sft/active": 0.0,
+        "time/rollout": t_roll - t0,
+        "time/grade": t_grade - t_roll,
+        "time/teacher": t_teacher - t_grade,
+        "time/update": t_end - t_teacher,
+        "time/step": t_end - t0,
+        "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
+        "throughput/train_tok_s": int(smask.sum()) / max(t_end - t_grade, 1e-9),
+        "_skipped": skipped,
+    }
+
+
 def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     """Run distillation; write metrics.jsonl, checkpoints and summary.json into run_dir.
 
@@ -150,92 +284,36 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
             log(f"step {step:5d}  eval accuracy {res['eval/accuracy']:.3f}")
             evals.append({"step": step, **res})
 
+    method = cfg.method
+    sft_pool = build_sft_pool(cfg, student, teacher, tok, train_rows, stop, gen, device, log) \
+        if method.name == "sft_warmup" and method.sft_updates > 0 else []
+    veto = method.veto_schedule() if method.name == "veto" else None
+
     run_eval(0)
     t_start = time.time()
     from tqdm import tqdm
 
     bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True, disable=None)
     for step in bar:
-        t0 = time.time()
-        eps = schedule(step)
-        epoch, rows = next(batches)
-        rows, ids, mask, skipped = encode_batch(tok, rows, cfg.prompt, cfg.rollout.max_prompt_tokens, device)
-        skipped_long += skipped
-        if not rows:
-            continue
-        n = cfg.rollout.n
-        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-        golds = [r["gold"] for r in rows for _ in range(n)]
-
-        # 1. rollouts under the behaviour policy
-        student.eval()
-        sampler = Sampler("trb", eps=eps, temperature=cfg.rollout.temperature)
-        ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
-                     stop=stop, generator=gen)
-        t_roll = time.time()
-        # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
-        rewards = (grader.grade(decode_completions(tok, ro.tokens, ro.response_mask), golds)
-                   if all(g is not None for g in golds) else [])
-        t_grade = time.time()
-
-        # 2. teacher forward over the finished sequences (one prefill)
-        seq, smask = ro.sequences()
-        m = ro.response_mask
-        tokens = ro.tokens[m]
-        with torch.no_grad():
-            h_t = response_hidden(teacher, seq, smask, ids.shape[1], m)
-            if not ro.teacher_decoded:
-                t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, tokens, stop)
-                ro.teacher_logp[m] = t_lp
-                ro.teacher_entropy[m] = t_ent
-        t_teacher = time.time()
-
-        # 3. student forward + loss + update
-        student.train()
-        for g in opt.param_groups:
-            g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.decay,
-                                               cfg.optim.min_lr_ratio)
-        h_s = response_hidden(student, seq, smask, ids.shape[1], m)
-        loss, kl_value = chunked_distill_loss(
-            h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
-            estimator=cfg.loss.estimator, k=cfg.loss.k, topk_baseline=cfg.loss.topk_baseline, tokens=tokens,
-            behavior_logprobs=ro.behavior_logp[m],
-            importance_weight=cfg.loss.importance_weight, stop_ids=stop.stop_ids, canonical_stop=stop.emit_id,
-            chunk_size=cfg.loss.chunk_size,
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is kept")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
-        opt.step()
-        t_end = time.time()
-
-        n_tok = int(m.sum())
-        metrics = {
-            "loss": float(loss.detach()),
-            "kl_estimate": float(kl_value),
-            "grad_norm": float(gnorm),
-            "lr": opt.param_groups[0]["lr"],
-            "epoch": epoch,
-            **rollout_metrics(ro, rewards, eps),
-            "time/rollout": t_roll - t0,
-            "time/grade": t_grade - t_roll,
-            "time/teacher": t_teacher - t_grade,
-            "time/update": t_end - t_teacher,
-            "time/step": t_end - t0,
-            "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
-            "throughput/train_tok_s": int(smask.sum()) / max(t_end - t_grade, 1e-9),
-            "prompts/skipped_too_long": skipped_long,
-        }
+        epoch, rows = next(batches)  # every method sees the same prompts at the same step
+        if step < len(sft_pool) and step < method.sft_updates:
+            metrics = sft_step(cfg, student, opt, sft_pool[step % len(sft_pool)], stop, step)
+        else:
+            metrics = opd_step(cfg, student, teacher, tok, opt, rows, stop, grader, gen, device, step,
+                               schedule(step), veto(step) if veto else 0.0)
+            if metrics is None:
+                continue
+            skipped_long += metrics.pop("_skipped")
+        metrics.update({"epoch": epoch, "prompts/skipped_too_long": skipped_long})
         tracker.log(metrics, step)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{eps:.4f}", reward=f"{metrics['rollout/reward']:.2f}",
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{metrics['eps']:.4f}",
+                        reward=f"{metrics.get('rollout/reward', float('nan')):.2f}",
                         acc=f"{evals[-1]['eval/accuracy']:.2f}" if evals else "-")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             run_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            save_checkpoint(run_dir, done, student, tok, opt, {"eps": eps})
+            save_checkpoint(run_dir, done, student, tok, opt, {"eps": metrics["eps"]})
 
     bar.close()
     if cfg.steps:
@@ -244,6 +322,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     tracker.log_artifact(ckpt, f"student-{run_dir.name}")
     summary = {
         "run_dir": str(run_dir),
+        "method": method.name,
+        "blend": cfg.blend.kind,
         "checkpoint": str(ckpt),
         "steps": cfg.steps,
         "train_seconds": time.time() - t_start,
