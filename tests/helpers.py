@@ -1,4 +1,9 @@
-"""Tiny random models and prompts for tests (no downloads)."""
+"""Tiny random models, prompts and a CLI runner for tests (no downloads)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,3 +28,21 @@ def prompts(tok, questions=("What is 1+2?", "What is 12+30-4?", "What is 7?")):
     enc = tok([render_prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
               add_special_tokens=False)
     return enc["input_ids"], enc["attention_mask"]
+
+
+def save_pair(root: Path) -> tuple[str, str]:
+    """A tiny student (EOS <|endoftext|>) and a wider teacher (EOS <|im_end|>) saved as HF folders."""
+    s, tok = tiny_model(scale=3.0)
+    s.save_pretrained(root / "s")
+    tok.save_pretrained(root / "s")
+    t, ttok = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
+    t.save_pretrained(root / "t")
+    ttok.save_pretrained(root / "t")
+    return str(root / "s"), str(root / "t")
+
+
+def cli(args, cwd, wandb_mode="disabled", timeout=600):
+    """Run `python -m trb ARGS` in a subprocess."""
+    env = {**os.environ, "WANDB_MODE": wandb_mode}
+    return subprocess.run([sys.executable, "-m", "trb", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

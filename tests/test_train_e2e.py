@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_model
-from trb.config import BlendConfig, DatasetConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainConfig
+from helpers import cli as _cli
+from helpers import save_pair
+from trb.config import (
+    BlendConfig,
+    DatasetConfig,
+    LoggerConfig,
+    MethodConfig,
+    ModelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from trb.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -19,20 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    s, tok = tiny_model(scale=3.0)
-    s.save_pretrained(root / "s")
-    tok.save_pretrained(root / "s")
-    t, ttok = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
-    t.save_pretrained(root / "t")
-    ttok.save_pretrained(root / "t")
-    return str(root / "s"), str(root / "t")
-
-
-def _cli(args, cwd, wandb_mode="disabled"):
-    env = {**os.environ, "WANDB_MODE": wandb_mode}
-    return subprocess.run([sys.executable, "-m", "trb", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return save_pair(tmp_path_factory.mktemp("models"))
 
 
 SMALL = ["steps=6", "prompts_per_step=3", "rollout.n=2", "rollout.max_new_tokens=10", "dataset.eval_size=4",
@@ -77,7 +72,7 @@ def test_checkpoint_reloads_with_same_logits(pair, tmp_path):
     from trb.train import train
 
     s, t = pair
-    cfg = TrainConfig(student=ModelConfig(path=s), teacher=ModelConfig(path=t),
+    cfg = TrainConfig(student=ModelConfig(path=s), teacher=ModelConfig(path=t), method=MethodConfig(name="fixed"),
                       blend=BlendConfig(kind="constant", eps0=0.02), dataset=DatasetConfig(train_size=20, eval_size=0),
                       rollout=RolloutConfig(n=2, max_new_tokens=8), logger=LoggerConfig(kind="none"),
                       steps=3, prompts_per_step=2)
@@ -96,7 +91,7 @@ def test_checkpoint_reloads_with_same_logits(pair, tmp_path):
 def test_vanilla_opd_scores_teacher_after_decoding(pair, tmp_path):
     s, t = pair
     run = tmp_path / "run"
-    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "blend=none", "loss=full",
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "method=opd", "loss=full",
               f"hydra.run.dir={run}", *SMALL], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [x for x in read_metrics(run) if "loss" in x]

@@ -219,48 +219,6 @@ class LoggerConfig:
 
 
 @dataclass
-class TrainConfig:
-    """`trb train`: on-policy distillation with a trust-region behaviour policy."""
-
-    student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
-    method: MethodConfig = field(default_factory=MethodConfig)
-    blend: BlendConfig = field(default_factory=BlendConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's held-out rows)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    steps: int = 400  # optimiser steps (one rollout batch each)
-    prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
-    eval_every: int = 100  # greedy eval on the held-out split every N steps (0 = only start and end)
-    eval_batch: int = 100  # prompts per eval decoding batch
-    save_every: int = 0  # checkpoint every N steps (0 = only the final one)
-    seed: int = 0  # seeds data order, sampling and init
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 1  # torch CPU threads (1 is fastest on small models here)
-    output_dir: Optional[str] = None  # run dir (set by Hydra's run dir when None)
-
-    def __post_init__(self) -> None:
-        _check(self.steps >= 0, f"steps must be >= 0; got {self.steps}")
-        _check(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}")
-        _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
-        _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
-        _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
-        name, kind = self.method.name, self.blend.kind
-        _check(name not in STUDENT_ONLY_METHODS or kind == "none",
-               f"method={name} samples without a trust region, but blend={kind}: drop the blend override "
-               f"(method={name} sets blend=none) or use method=trb / method=fixed")
-        _check(name != "trb" or kind not in ("none", "constant"),
-               f"method=trb anneals eps with blend=linear|cosine|step; got blend={kind} "
-               f"(use method=fixed for a constant eps, method=opd for none)")
-        _check(name != "fixed" or kind == "constant",
-               f"method=fixed keeps eps constant: it needs blend=constant; got blend={kind}")
-
-
-@dataclass
 class DecodingConfig:
     """Decoding preset for evaluation (student only, no teacher)."""
 
@@ -283,6 +241,48 @@ class DecodingConfig:
         _check(0 < self.top_p <= 1, f"decoding.top_p must be in (0, 1]; got {self.top_p}")
         _check(all(k >= 1 for k in self.ks), f"decoding.ks must be >= 1; got {self.ks}")
         self.ks = [k for k in self.ks if k <= self.n] or [1]
+
+
+@dataclass
+class TrainConfig:
+    """`trb train`: on-policy distillation with a trust-region behaviour policy."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+    method: MethodConfig = field(default_factory=MethodConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's held-out rows)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    steps: int = 400  # optimiser steps (one rollout batch each)
+    prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
+    eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
+    eval_decoding: DecodingConfig = field(default_factory=DecodingConfig)  # periodic eval decoding (greedy)
+    save_every: int = 0  # checkpoint every N steps (0 = only the final one)
+    seed: int = 0  # seeds data order, sampling and init
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads (1 is fastest on small models here)
+    output_dir: Optional[str] = None  # run dir (set by Hydra's run dir when None)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, f"steps must be >= 0; got {self.steps}")
+        _check(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
+        _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
+        _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
+        name, kind = self.method.name, self.blend.kind
+        _check(name not in STUDENT_ONLY_METHODS or kind == "none",
+               f"method={name} samples without a trust region, but blend={kind}: drop the blend override "
+               f"(method={name} sets blend=none) or use method=trb / method=fixed")
+        _check(name != "trb" or kind not in ("none", "constant"),
+               f"method=trb anneals eps with blend=linear|cosine|step; got blend={kind} "
+               f"(use method=fixed for a constant eps, method=opd for none)")
+        _check(name != "fixed" or kind == "constant",
+               f"method=fixed keeps eps constant: it needs blend=constant; got blend={kind}")
 
 
 @dataclass

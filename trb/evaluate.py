@@ -124,11 +124,3 @@ def aggregate(rows: list[dict], samples: list[dict], decoding: DecodingConfig, s
         for name, oks in sorted(groups.items(), key=lambda kv: str(kv[0])):
             metrics[f"eval/{key}/{name}"] = sum(oks) / len(oks)
     return metrics
-
-
-def greedy_accuracy(student, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, *, prompt,
-                    max_new_tokens: int, batch: int = 100) -> dict:
-    """Greedy pass@1 over `rows` (the periodic eval inside training)."""
-    metrics, _ = evaluate(student, tokenizer, rows, stop, grader, prompt,
-                          DecodingConfig(greedy=True, max_new_tokens=max_new_tokens, batch=batch))
-    return metrics

@@ -26,7 +26,7 @@ import torch
 from trb.checkpoint import save_checkpoint
 from trb.config import TrainConfig
 from trb.data import load_rows, render
-from trb.evaluate import decode_completions, encode_prompts, greedy_accuracy
+from trb.evaluate import decode_completions, encode_prompts, evaluate
 from trb.grading import Grader
 from trb.losses import chunked_distill_loss, chunked_nll_loss
 from trb.models import check_pair, load_model, prepare_run
@@ -276,8 +276,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
 
     def run_eval(step: int) -> None:
         t0 = time.time()
-        res = greedy_accuracy(student, tok, eval_rows, stop, grader, prompt=cfg.prompt,
-                              max_new_tokens=cfg.rollout.max_new_tokens, batch=cfg.eval_batch)
+        res, _ = evaluate(student, tok, eval_rows, stop, grader, cfg.prompt, cfg.eval_decoding)
         if res:
             res["time/eval"] = time.time() - t0
             tracker.log(res, step)
