@@ -2,6 +2,8 @@
 
     trb train [overrides]        distil (see `trb train --help`)
     trb eval [overrides]         score checkpoints (see `trb eval --help`)
+    trb rollout [overrides]      sample under a behaviour policy, no training (`trb rollout --help`)
+    trb report RUN_OR_SWEEP...   compare runs: accuracy curves, schedule plots, a markdown table
     trb toy build [--out DIR]    rebuild the embedded toy models bit for bit
 
 Only this file knows Hydra and OmegaConf: it composes conf/<command>.yaml with the overrides,
@@ -146,6 +148,25 @@ def eval_cmd(ctx: typer.Context) -> None:
         _run_user_task(lambda: run_eval(ec, run_dir, log=typer.echo))
 
     run_hydra("eval", list(ctx.args), task)
+
+
+@app.command("rollout", **HYDRA_ARGS)
+def rollout_cmd(ctx: typer.Context) -> None:
+    """Sample prompts under a method's behaviour policy without training: per-token records,
+    an HTML view coloured by beta, diagnostics, a continuation-gain probe (`trb rollout --help`)."""
+
+    def task(cfg, run_dir: Path) -> None:
+        from trb.config import RolloutRunConfig
+        from trb.rollout_run import run_rollout
+
+        rc = to_schema(cfg, RolloutRunConfig)
+        if rc.output_dir:
+            run_dir = Path(rc.output_dir)
+        if rc.logger.group is None and _is_multirun():
+            rc.logger.group = Path(cfg_sweep_dir()).name
+        _run_user_task(lambda: run_rollout(rc, run_dir, log=typer.echo))
+
+    run_hydra("rollout", list(ctx.args), task)
 
 
 def _run_user_task(fn) -> None:

@@ -274,15 +274,68 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
         _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
-        name, kind = self.method.name, self.blend.kind
-        _check(name not in STUDENT_ONLY_METHODS or kind == "none",
-               f"method={name} samples without a trust region, but blend={kind}: drop the blend override "
-               f"(method={name} sets blend=none) or use method=trb / method=fixed")
-        _check(name != "trb" or kind not in ("none", "constant"),
-               f"method=trb anneals eps with blend=linear|cosine|step; got blend={kind} "
-               f"(use method=fixed for a constant eps, method=opd for none)")
-        _check(name != "fixed" or kind == "constant",
-               f"method=fixed keeps eps constant: it needs blend=constant; got blend={kind}")
+        check_method_blend(self.method, self.blend)
+
+
+def check_method_blend(method: MethodConfig, blend: BlendConfig) -> None:
+    """A method and a blend schedule that contradict each other are refused with what to change."""
+    name, kind = method.name, blend.kind
+    _check(name not in STUDENT_ONLY_METHODS or kind == "none",
+           f"method={name} samples without a trust region, but blend={kind}: drop the blend override "
+           f"(method={name} sets blend=none) or use method=trb / method=fixed")
+    _check(name != "trb" or kind not in ("none", "constant"),
+           f"method=trb anneals eps with blend=linear|cosine|step; got blend={kind} "
+           f"(use method=fixed for a constant eps, method=opd for none)")
+    _check(name != "fixed" or kind == "constant",
+           f"method=fixed keeps eps constant: it needs blend=constant; got blend={kind}")
+
+
+@dataclass
+class ProbeConfig:
+    """Continuation-gain probe (paper Fig. 4): cut sampled completions after t tokens, continue
+    with the student and with the teacher, grade, and report the success rate per t."""
+
+    cuts: list[int] = field(default_factory=list)  # prefix lengths t in tokens (empty: no probe)
+    continuations: int = 1  # sampled continuations per prefix and continuer
+    max_prefixes: int = 64  # probe the first N completions
+
+    def __post_init__(self) -> None:
+        _check(all(t >= 0 for t in self.cuts), f"probe.cuts must be >= 0; got {self.cuts}")
+        _check(self.continuations >= 1, f"probe.continuations must be >= 1; got {self.continuations}")
+        _check(self.max_prefixes >= 1, f"probe.max_prefixes must be >= 1; got {self.max_prefixes}")
+
+
+@dataclass
+class RolloutRunConfig:
+    """`trb rollout`: sample prompts under a method's behaviour policy (no training) and record
+    every token's statistics."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+    method: MethodConfig = field(default_factory=MethodConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    num_prompts: int = 16  # prompts taken from the dataset's eval split (0 = all)
+    n: int = 4  # samples per prompt
+    max_new_tokens: int = 48  # completion cap
+    temperature: float = 1.0  # rollout temperature
+    max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
+    step: int = 0  # the training step whose eps / temperature / SKD setting is used
+    batch: int = 64  # sequences decoded together
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="rollout"))
+    seed: int = 0  # sampling seed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads
+    output_dir: Optional[str] = None  # output dir (set by Hydra's run dir when None)
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts >= 0, f"num_prompts must be >= 0; got {self.num_prompts}")
+        _check(self.step >= 0, f"step must be >= 0; got {self.step}")
+        _check(self.batch >= 1, f"batch must be >= 1; got {self.batch}")
+        RolloutConfig(self.n, self.max_new_tokens, self.temperature, self.max_prompt_tokens)  # validates
+        check_method_blend(self.method, self.blend)
 
 
 @dataclass

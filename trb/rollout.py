@@ -244,3 +244,18 @@ def score_tokens(head, hidden: torch.Tensor, tokens: torch.Tensor, stop: StopSpe
         z = hidden.new_zeros(0, dtype=torch.float32)
         return z, z
     return torch.cat(lps), torch.cat(ents)
+
+
+@torch.no_grad()
+def teacher_scores(teacher, ro: Rollout, stop: StopSpec) -> torch.Tensor:
+    """One teacher forward over the finished sequences: its hidden states at the response
+    positions [N, H] (for the loss); fills ro.teacher_logp / ro.teacher_entropy in place when the
+    sampler did not decode with the teacher."""
+    seq, smask = ro.sequences()
+    m = ro.response_mask
+    h_t = response_hidden(teacher, seq, smask, ro.prompt_ids.shape[1], m)
+    if not ro.teacher_decoded:
+        t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, ro.tokens[m], stop)
+        ro.teacher_logp[m] = t_lp.to(ro.teacher_logp.dtype)
+        ro.teacher_entropy[m] = t_ent.to(ro.teacher_entropy.dtype)
+    return h_t

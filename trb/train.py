@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from trb.checkpoint import save_checkpoint
-from trb.config import TrainConfig
+from trb.config import MethodConfig, TrainConfig
 from trb.data import load_rows, render
 from trb.evaluate import decode_completions, encode_prompts, evaluate
 from trb.grading import Grader
 from trb.losses import chunked_distill_loss, chunked_nll_loss
 from trb.models import check_pair, load_model, prepare_run
-from trb.rollout import Sampler, response_hidden, rollout, score_tokens
+from trb.diagnostics import effective_temperature, rollout_metrics
+from trb.rollout import Sampler, response_hidden, rollout, teacher_scores
 from trb.tracking import Tracker
 
 
@@ -50,13 +51,6 @@ def lr_factor(step: int, warmup: int, total: int = 0, decay: str = "constant", f
         return 1.0
     frac = (step - warmup) / (total - 1 - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
-def _quantiles(x: torch.Tensor) -> tuple[float, float]:
-    if x.numel() == 0:
-        return float("nan"), float("nan")
-    q = torch.quantile(x.double(), torch.tensor([0.5, 0.9], dtype=torch.float64))
-    return float(q[0]), float(q[1])
 
 
 def prompt_batches(rows: list[dict], per_step: int, seed: int):
@@ -87,38 +81,14 @@ def encode_batch(tok, rows: list[dict], prompt, max_prompt_tokens: int, device):
     return rows, ids[:, ids.shape[1] - width :], mask[:, mask.shape[1] - width :], int((~keep).sum())
 
 
-def rollout_metrics(ro, rewards: list[bool], eps: float) -> dict:
-    m = ro.response_mask
-    beta, kl = ro.beta[m].float(), ro.kl[m].float()
-    p50, p90 = _quantiles(beta)
-    lengths = m.sum(1).float()
-    return {
-        "eps": eps,
-        "beta/mean": float(beta.mean()),
-        "beta/p50": p50,
-        "beta/p90": p90,
-        "beta/frac_zero": float((beta == 0).float().mean()),
-        "beta/frac_one": float((beta == 1).float().mean()),
-        "kl_mu_student/mean": float(kl.mean()),
-        "kl_mu_student/max": float(kl.max()),
-        "teacher/entropy": float(ro.teacher_entropy[m].mean()),
-        "teacher/logp": float(ro.teacher_logp[m].mean()),
-        "support_score": float(((ro.teacher_logp - ro.student_logp) * m).sum() / m.sum()),
-        "rollout/reward": sum(rewards) / len(rewards) if rewards else float("nan"),
-        "rollout/length": float(lengths.mean()),
-        "rollout/truncated": float((~ro.stopped).float().mean()),
-        "rollout/replaced": float(ro.replaced[m].float().mean()),
-    }
-
-
-def make_sampler(cfg: TrainConfig, step: int, eps: float) -> Sampler:
-    """The behaviour policy of `cfg.method` at optimiser step `step` (eps from the blend schedule)."""
-    m = cfg.method
-    if m.name == "skd":
-        return Sampler("skd", skd_top_k=m.skd_top_k, skd_temperature=m.skd_temperature)
-    if m.name in ("trb", "fixed"):
-        return Sampler("trb", eps=eps, temperature=cfg.rollout.temperature)
-    return Sampler("student", temperature=cfg.rollout.temperature * m.temperature(step))
+def make_sampler(method: MethodConfig, temperature: float, step: int, eps: float) -> Sampler:
+    """The behaviour policy of `method` at optimiser step `step` (eps from the blend schedule,
+    `temperature` the rollout temperature)."""
+    if method.name == "skd":
+        return Sampler("skd", skd_top_k=method.skd_top_k, skd_temperature=method.skd_temperature)
+    if method.name in ("trb", "fixed"):
+        return Sampler("trb", eps=eps, temperature=temperature)
+    return Sampler("student", temperature=temperature * method.temperature(step))
 
 
 def set_lr(cfg: TrainConfig, opt, step: int) -> None:
@@ -190,7 +160,7 @@ def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, g
 
     # 1. rollouts under the behaviour policy
     student.eval()
-    sampler = make_sampler(cfg, step, eps)
+    sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps)
     ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
                  stop=stop, generator=gen)
     t_roll = time.time()
@@ -199,16 +169,12 @@ def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, g
                if all(g is not None for g in golds) else [])
     t_grade = time.time()
 
-    # 2. teacher forward over the finished sequences (one prefill)
+    # 2. teacher forward over the finished sequences (one prefill; fills in the teacher's records
+    # when the sampler did not decode with it)
     seq, smask = ro.sequences()
     m = ro.response_mask
     tokens = ro.tokens[m]
-    with torch.no_grad():
-        h_t = response_hidden(teacher, seq, smask, ids.shape[1], m)
-        if not ro.teacher_decoded:
-            t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, tokens, stop)
-            ro.teacher_logp[m] = t_lp
-            ro.teacher_entropy[m] = t_ent
+    h_t = teacher_scores(teacher, ro, stop)
     t_teacher = time.time()
 
     # 3. student forward + loss + update
@@ -230,8 +196,7 @@ def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, g
         "kl_estimate": float(kl_value),
         "grad_norm": gnorm,
         "lr": opt.param_groups[0]["lr"],
-        **rollout_metrics(ro, rewards, sampler.eps),
-        "rollout/temperature": sampler.temperature if sampler.kind in ("student", "trb") else 1.0,
+        **rollout_metrics(ro, rewards, sampler.eps, effective_temperature(sampler)),
         "veto/b": veto_b,
         "sft/active": 0.0,
         "time/rollout": t_roll - t0,

@@ -1,0 +1,111 @@
+"""`trb rollout` on tiny models: the records it writes agree with a re-scoring of the same
+sequences, the HTML has one coloured span per token, and the summary matches the records."""
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import cli, save_pair
+from trb.blend import blend_logprobs, canonicalize_eos
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("models"))
+
+
+def run(pair, tmp_path, *args):
+    s, t = pair
+    out = tmp_path / "out"
+    r = cli(["rollout", f"student.path={s}", f"teacher.path={t}", "num_prompts=3", "n=2", "max_new_tokens=12",
+             "logger.kind=none", f"hydra.run.dir={out}", *args], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    return out, recs, json.loads((out / "summary.json").read_text()), r.stdout
+
+
+class Spans(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.replaced, self.coloured = 0, 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "span" and "t" in classes:
+            self.tokens += 1
+            self.replaced += "r" in classes
+            self.coloured += "background:" in (a.get("style") or "")
+
+
+def rescore(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_trb_records_match_a_rescoring(pair, tmp_path):
+    out, recs, summary, stdout = run(pair, tmp_path, "method=fixed", "blend.eps0=0.05", "probe.cuts=[0,3]")
+    assert len(recs) == 6 and {r["prompt_index"] for r in recs} == {0, 1, 2}
+    s_path, t_path = pair
+    stop_ids = [AutoTokenizer.from_pretrained(s_path).eos_token_id, AutoTokenizer.from_pretrained(t_path).eos_token_id]
+    for r in recs[:3]:
+        n = len(r["token_ids"])
+        for key in ("student_logp", "teacher_logp", "behavior_logp", "beta", "kl", "replaced", "token_text"):
+            assert len(r[key]) == n
+        ids = r["prompt_ids"] + r["token_ids"]
+        p = len(r["prompt_ids"])
+        s_lp, t_lp = rescore(s_path, ids)[p - 1 : p - 1 + n], rescore(t_path, ids)[p - 1 : p - 1 + n]
+        s_lp, t_lp = canonicalize_eos(s_lp, stop_ids, stop_ids[0]), canonicalize_eos(t_lp, stop_ids, stop_ids[0])
+        tok = torch.tensor(r["token_ids"])
+        torch.testing.assert_close(s_lp.gather(-1, tok[:, None])[:, 0], torch.tensor(r["student_logp"]),
+                                   atol=2e-4, rtol=0)
+        torch.testing.assert_close(t_lp.gather(-1, tok[:, None])[:, 0], torch.tensor(r["teacher_logp"]),
+                                   atol=2e-4, rtol=0)
+        # log mu is the blend of the two distributions at the recorded beta
+        mu = blend_logprobs(s_lp, t_lp, torch.tensor(r["beta"]))
+        torch.testing.assert_close(mu.gather(-1, tok[:, None])[:, 0], torch.tensor(r["behavior_logp"]),
+                                   atol=2e-4, rtol=0)
+        assert all(k <= 0.05 for k in r["kl"]) and any(b > 0 for b in r["beta"])
+        assert r["support_score"] == pytest.approx(
+            sum(t - s for t, s in zip(r["teacher_logp"], r["student_logp"])) / n, abs=1e-5)
+    # the summary is computed from the same records
+    betas = [b for r in recs for b in r["beta"]]
+    assert summary["beta/mean"] == pytest.approx(sum(betas) / len(betas), rel=1e-5)
+    assert summary["kl_mu_student/max"] == pytest.approx(max(k for r in recs for k in r["kl"]), rel=1e-5)
+    assert summary["rollout/reward"] == pytest.approx(sum(r["correct"] for r in recs) / len(recs))
+    assert summary["eps"] == 0.05 and summary["completions"] == 6
+    # probe: every completion is alive at t = 0; rates are fractions
+    assert summary["probe"]["0"]["prefixes"] == 6
+    for res in summary["probe"].values():
+        if res["prefixes"]:
+            assert 0 <= res["student"] <= 1 and 0 <= res["teacher"] <= 1
+            assert res["gain"] == pytest.approx(res["teacher"] - res["student"])
+    assert "beta/mean" in stdout and "gain" in stdout
+    spans = Spans()
+    spans.feed((out / "rollouts.html").read_text())
+    assert spans.tokens == sum(len(r["token_ids"]) for r in recs) == spans.coloured
+    assert spans.replaced == 0
+
+
+def test_skd_rollout_marks_replaced_tokens(pair, tmp_path):
+    out, recs, summary, _ = run(pair, tmp_path, "method=skd", "method.skd_top_k=3")
+    replaced = sum(sum(r["replaced"]) for r in recs)
+    assert replaced > 0
+    assert summary["rollout/replaced"] == pytest.approx(replaced / sum(len(r["token_ids"]) for r in recs))
+    spans = Spans()
+    spans.feed((out / "rollouts.html").read_text())
+    assert spans.replaced == replaced and spans.tokens == sum(len(r["token_ids"]) for r in recs)
+
+
+def test_opd_rollout_is_student_only(pair, tmp_path):
+    _, recs, summary, _ = run(pair, tmp_path, "method=opd")
+    for r in recs:
+        assert r["behavior_logp"] == r["student_logp"] and set(r["beta"]) == {0.0}
+        assert all(x == x for x in r["teacher_logp"])  # scored after decoding: no NaN
+    assert summary["beta/mean"] == 0 and summary["eps"] == 0

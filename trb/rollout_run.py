@@ -1,0 +1,244 @@
+"""`trb rollout`: look at what a behaviour policy does, token by token, without training.
+
+    trb rollout                                         # TRB at step 0 (eps = 0.01) on the toy pair
+    trb rollout method=fixed blend.eps0=0.05 n=4
+    trb rollout method=skd method.skd_top_k=5 num_prompts=32
+    trb rollout 'probe.cuts=[0,8,16,24]'                # + the continuation-gain probe
+    trb rollout -m method=opd,trb,skd 'probe.cuts=[0,8,16]'   # compare samplers
+
+Writes rollouts.jsonl (one completion per line with per-token records and its grade),
+rollouts.html (tokens coloured by beta*, teacher-replaced tokens outlined; opens in a browser
+with no server), summary.json (the diagnostics of every training step, plus the probe), and
+prints the summary as a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from trb.config import RolloutRunConfig
+from trb.data import extract_answer, load_rows
+from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
+from trb.evaluate import decode_completions
+from trb.grading import Grader
+from trb.models import check_pair, load_model, prepare_run
+from trb.rollout import Rollout, Sampler, StopSpec, rollout, teacher_scores
+from trb.tracking import Tracker
+from trb.train import encode_batch, make_sampler, seed_everything
+
+
+def _cat_rollouts(parts: list[Rollout]) -> dict[str, torch.Tensor]:
+    """Per-token fields of several rollouts, padded to one length, concatenated over rows."""
+    width = max(p.tokens.shape[1] for p in parts)
+    out: dict[str, list[torch.Tensor]] = {}
+    for p in parts:
+        for name in ("tokens", "response_mask", "student_logp", "teacher_logp", "behavior_logp", "beta", "kl",
+                     "replaced", "teacher_entropy"):
+            x = getattr(p, name)
+            pad = width - x.shape[1]
+            if pad:
+                fill = False if x.dtype == torch.bool else 0
+                x = torch.cat([x, torch.full((x.shape[0], pad), fill, dtype=x.dtype, device=x.device)], dim=1)
+            out.setdefault(name, []).append(x)
+        out.setdefault("stopped", []).append(p.stopped)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def continuation_probe(cfg: RolloutRunConfig, student, teacher, tok, stop: StopSpec, records: list[dict],
+                       grader: Grader, gen: torch.Generator, device) -> dict:
+    """Success rate of continuing sampled prefixes with each model, per cut length t.
+
+    Each of the first `probe.max_prefixes` completions that is still running after t tokens is
+    cut there; `probe.continuations` samples (temperature 1) from the student and from the
+    teacher complete it within the same total budget (max_new_tokens); the full text is graded.
+    Returns {t: {"prefixes": k, "student": rate, "teacher": rate, "gain": teacher - student}}.
+    """
+    probe = cfg.probe
+    recs = records[: probe.max_prefixes]
+    out: dict = {}
+    for t in sorted(set(probe.cuts)):
+        alive = [r for r in recs if len(r["token_ids"]) > t]
+        if not alive:
+            out[str(t)] = {"prefixes": 0, "student": None, "teacher": None, "gain": None}
+            continue
+        owners = [r for r in alive for _ in range(probe.continuations)]
+        seqs = [r["prompt_ids"] + r["token_ids"][:t] for r in owners]
+        heads = [tok.decode(r["token_ids"][:t], skip_special_tokens=True) for r in owners]
+        golds = [r["gold"] if r["gold"] is not None else "" for r in owners]
+        rates = {}
+        for name, model in (("student", student), ("teacher", teacher)):
+            oks: list[bool] = []
+            for i in range(0, len(seqs), cfg.batch):
+                ids, mask = _left_pad(seqs[i : i + cfg.batch], stop.pad_id, device)
+                ro = rollout(model, None, ids, mask, max_new_tokens=cfg.max_new_tokens - t,
+                             sampler=Sampler("student"), stop=stop, generator=gen)
+                conts = decode_completions(tok, ro.tokens, ro.response_mask)
+                oks += grader.grade([h + c for h, c in zip(heads[i : i + cfg.batch], conts)], golds[i : i + cfg.batch])
+            rates[name] = sum(oks) / len(oks)
+        out[str(t)] = {"prefixes": len(alive), **rates, "gain": rates["teacher"] - rates["student"]}
+    return out
+
+
+def _colour(beta: float) -> str:
+    a = 0.0 if not math.isfinite(beta) else max(0.0, min(1.0, beta))
+    return f"rgba(230,120,0,{0.08 + 0.8 * a:.3f})" if a > 0 else "transparent"
+
+
+def write_html(path: Path, records: list[dict], summary: dict, title: str) -> None:
+    """A self-contained page: one <span class="t"> per completion token, background = beta*,
+    a solid outline = replaced by the teacher (SKD), hover = the token's numbers."""
+    css = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+           ".c{border:1px solid #ccc;border-radius:6px;padding:.6em;margin:.8em 0;white-space:pre-wrap;"
+           "font-family:ui-monospace,monospace;font-size:13px}.p{color:#777}.ok{color:#080}.bad{color:#b00}"
+           ".t.r{outline:2px solid #1565c0}table{border-collapse:collapse}td{padding:.1em .8em}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<p>Token background: beta* at that prefix (white 0, orange 1). Blue outline: token "
+             "replaced by a teacher sample (SKD). Hover a token for log pi_S, log pi_T, log mu, beta, KL.</p>",
+             "<table>"]
+    for k, v in summary.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>")
+    parts.append("</table>")
+    for r in records:
+        mark = "<span class='ok'>correct</span>" if r["correct"] else "<span class='bad'>wrong</span>"
+        parts.append(f"<div class='c'><div><b>prompt {r['prompt_index']} sample {r['sample']}</b> - {mark}, "
+                     f"gold {html.escape(str(r['gold']))}, {len(r['token_ids'])} tokens, support score "
+                     f"{r['support_score']:.3f}</div><span class='p'>{html.escape(r['prompt'])}</span>")
+        for i, piece in enumerate(r["token_text"]):
+            tip = (f"log pi_S {r['student_logp'][i]:.3f} | log pi_T {r['teacher_logp'][i]:.3f} | "
+                   f"log mu {r['behavior_logp'][i]:.3f} | beta {r['beta'][i]:.3f} | KL {r['kl'][i]:.2e}")
+            cls = "t r" if r["replaced"][i] else "t"
+            parts.append(f"<span class='{cls}' style='background:{_colour(r['beta'][i])}' "
+                         f"title='{html.escape(tip, quote=True)}'>{html.escape(piece)}</span>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    path.write_text("".join(parts), encoding="utf-8")
+
+
+def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
+    """Sample, record, grade, probe; write rollouts.jsonl / rollouts.html / summary.json."""
+    out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
+    gen = seed_everything(cfg.seed)
+    if device.type == "cuda":
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    student, tok = load_model(cfg.student, "student", device)
+    teacher, t_tok = load_model(cfg.teacher, "teacher", device)
+    student.eval()
+    teacher.eval()
+    stop = check_pair(student, tok, teacher, t_tok)
+    rows = load_rows(cfg.dataset, cfg.seed, role="eval")
+    if cfg.num_prompts:
+        rows = rows[: cfg.num_prompts]
+    eps = cfg.blend.schedule()(cfg.step)
+    sampler = make_sampler(cfg.method, cfg.temperature, cfg.step, eps)
+    log(f"trb rollout: method={cfg.method.name} at step {cfg.step} (eps {eps:g}), {len(rows)} prompts x n={cfg.n}")
+
+    t0 = time.time()
+    per_batch = max(1, cfg.batch // cfg.n)
+    parts, kept, prompt_ids, skipped = [], [], [], 0
+    for i in range(0, len(rows), per_batch):
+        chunk, ids, mask, sk = encode_batch(tok, rows[i : i + per_batch], cfg.prompt, cfg.max_prompt_tokens, device)
+        skipped += sk
+        if not chunk:
+            continue
+        ids, mask = ids.repeat_interleave(cfg.n, 0), mask.repeat_interleave(cfg.n, 0)
+        ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.max_new_tokens, sampler=sampler, stop=stop,
+                     generator=gen)
+        teacher_scores(teacher, ro, stop)  # teacher log-probs / entropy for student-only samplers
+        parts.append(ro)
+        kept += [(r, j) for r in chunk for j in range(cfg.n)]
+        prompt_ids += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    if not parts:
+        raise ValueError(f"no prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
+    seconds = time.time() - t0
+
+    st = _cat_rollouts(parts)
+    texts = decode_completions(tok, st["tokens"], st["response_mask"])
+    with Grader(workers=1) as grader:
+        golds = [r["gold"] for r, _ in kept]
+        graded = grader.grade(texts, [g if g is not None else "" for g in golds])
+        correct = [bool(ok) and g is not None for ok, g in zip(graded, golds)]
+        merged = Rollout(prompt_ids=torch.zeros(len(kept), 0, dtype=torch.long),
+                         prompt_mask=torch.zeros(len(kept), 0, dtype=torch.long), teacher_decoded=True,
+                         **{k: v for k, v in st.items()})
+        support = sequence_support(merged).tolist()
+        records = []
+        index = {id(r): k for k, r in enumerate(rows)}
+        for b, ((row, j), text) in enumerate(zip(kept, texts)):
+            m = st["response_mask"][b]
+            ids_b = st["tokens"][b][m].tolist()
+            rec = {"prompt_index": index[id(row)], "sample": j, "prompt": _prompt_text(tok, prompt_ids[b]),
+                   "prompt_ids": prompt_ids[b], "completion": text, "token_ids": ids_b,
+                   "token_text": [tok.decode([x]) for x in ids_b], "gold": row["gold"],
+                   "extracted": extract_answer(text), "correct": correct[b], "stopped": bool(st["stopped"][b]),
+                   "support_score": support[b]}
+            for name, key in (("student_logp", "student_logp"), ("teacher_logp", "teacher_logp"),
+                              ("behavior_logp", "behavior_logp"), ("beta", "beta"), ("kl", "kl"),
+                              ("teacher_entropy", "teacher_entropy")):
+                rec[name] = [float(x) for x in st[key][b][m].tolist()]
+            rec["replaced"] = [bool(x) for x in st["replaced"][b][m].tolist()]
+            records.append(rec)
+        summary = {"method": cfg.method.name, "step": cfg.step, "completions": len(records),
+                   "prompts_skipped_too_long": skipped, "seconds": seconds,
+                   **rollout_metrics(merged, correct if all(g is not None for g in golds) else [], eps,
+                                     effective_temperature(sampler))}
+        if cfg.probe.cuts:
+            summary["probe"] = continuation_probe(cfg, student, teacher, tok, stop, records, grader, gen, device)
+
+    with (out_dir / "rollouts.jsonl").open("w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    title = f"trb rollout: method={cfg.method.name}, step {cfg.step}, eps {eps:g}"
+    write_html(out_dir / "rollouts.html", records, summary, title)
+    (out_dir / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **summary}, indent=1))
+
+    tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
+    tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, cfg.step)
+    if tracker.run is not None:
+        import wandb
+
+        tracker.run.log({"rollouts": wandb.Html((out_dir / "rollouts.html").read_text(encoding="utf-8"))})
+    tracker.finish()
+    print_summary(summary, log)
+    log(f"wrote {out_dir / 'rollouts.jsonl'}, {out_dir / 'rollouts.html'}, {out_dir / 'summary.json'}")
+    return summary
+
+
+def _prompt_text(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def print_summary(summary: dict, log=print) -> None:
+    keys = ["eps", "beta/mean", "beta/p50", "beta/p90", "beta/frac_one", "kl_mu_student/mean", "kl_mu_student/max",
+            "teacher/entropy", "teacher/logp", "support_score/seq_mean", "rollout/reward", "rollout/replaced",
+            "rollout/temperature", "rollout/length", "rollout/truncated"]
+    log(f"{'diagnostic':<24}{'value':>12}")
+    for k in keys:
+        v = summary.get(k)
+        log(f"{k:<24}{v:>12.4g}" if isinstance(v, (int, float)) and v == v else f"{k:<24}{'-':>12}")
+    if "probe" in summary:
+        log(f"{'cut t':>6}{'prefixes':>10}{'student':>10}{'teacher':>10}{'gain':>8}")
+        for t, r in summary["probe"].items():
+            if r["prefixes"]:
+                log(f"{t:>6}{r['prefixes']:>10}{r['student']:>10.3f}{r['teacher']:>10.3f}{r['gain']:>8.3f}")
+            else:
+                log(f"{t:>6}{0:>10}{'-':>10}{'-':>10}{'-':>8}")
