@@ -169,6 +169,24 @@ def rollout_cmd(ctx: typer.Context) -> None:
     run_hydra("rollout", list(ctx.args), task)
 
 
+@app.command("report")
+def report_cmd(
+    paths: list[Path] = typer.Argument(..., help="Run dirs and/or sweep dirs (their run dirs are found)."),
+    out: Path = typer.Option(None, help="Output folder (default: the sweep dir when one is given, "
+                                        "else outputs/report)."),
+    band: str = typer.Option("minmax", help="Band around the seed mean: minmax or std (+-1 std)."),
+    early: int = typer.Option(50, help="Steps shown in schedule.png (eps, mean beta*, realised KL)."),
+) -> None:
+    """Compare runs across methods and seeds: accuracy.png, schedule.png, report.md (table), report.json."""
+    from trb.report import report
+
+    try:
+        report(paths, out, band=band, early=early, log=typer.echo)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+
+
 def _run_user_task(fn) -> None:
     """Turn the errors a user can fix (bad paths, configs, offline hub ids) into one-paragraph messages."""
     from trb.data import DatasetError
