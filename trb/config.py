@@ -171,9 +171,11 @@ class RolloutConfig:
     max_new_tokens: int = 48  # response length cap
     temperature: float = 1.0  # rollout temperature (paper: 1.0)
     max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
+    draft_k: int = 0  # speculative TRB sampling while eps > 0: student drafts k tokens per teacher pass (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"rollout.n must be >= 1; got {self.n}")
+        _check(self.draft_k >= 0, f"rollout.draft_k must be >= 0; got {self.draft_k}")
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1; got {self.max_new_tokens}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0; got {self.temperature}")
         _check(self.max_prompt_tokens >= 1, f"rollout.max_prompt_tokens must be >= 1; got {self.max_prompt_tokens}")
@@ -321,6 +323,7 @@ class RolloutRunConfig:
     max_new_tokens: int = 48  # completion cap
     temperature: float = 1.0  # rollout temperature
     max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
+    draft_k: int = 0  # speculative TRB sampling: student drafts k tokens per teacher pass (0 = per token)
     step: int = 0  # the training step whose eps / temperature / SKD setting is used
     batch: int = 64  # sequences decoded together
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -334,7 +337,7 @@ class RolloutRunConfig:
         _check(self.num_prompts >= 0, f"num_prompts must be >= 0; got {self.num_prompts}")
         _check(self.step >= 0, f"step must be >= 0; got {self.step}")
         _check(self.batch >= 1, f"batch must be >= 1; got {self.batch}")
-        RolloutConfig(self.n, self.max_new_tokens, self.temperature, self.max_prompt_tokens)  # validates
+        RolloutConfig(self.n, self.max_new_tokens, self.temperature, self.max_prompt_tokens, self.draft_k)  # validates
         check_method_blend(self.method, self.blend)
 
 

@@ -38,6 +38,10 @@ def rollout_metrics(ro, rewards: list[bool], eps: float, temperature: float = 1.
     seq = sequence_support(ro).float()
     s_p10, s_p50 = quantiles(seq, (0.1, 0.5))
     lengths = m.sum(1).float()
+    spec = {}
+    if getattr(ro, "draft_proposed", None) is not None and int(ro.draft_proposed.sum()) > 0:
+        spec = {"spec/acceptance": float(ro.draft_accepted.sum() / ro.draft_proposed.sum()),
+                "spec/pinsker_bound": 1 - (eps / 2) ** 0.5}
     return {
         "eps": eps,
         "beta/mean": float(beta.mean()),
@@ -58,4 +62,5 @@ def rollout_metrics(ro, rewards: list[bool], eps: float, temperature: float = 1.
         "rollout/truncated": float((~ro.stopped).float().mean()),
         "rollout/replaced": float(ro.replaced[m].float().mean()),
         "rollout/temperature": temperature,
+        **spec,
     }

@@ -44,6 +44,7 @@ class Sampler:
     skd_top_k: int = 25  # SKD: keep the student token when it is in the teacher's top-K
     skd_temperature: float = 1.0  # SKD: temperature of the replacing teacher sample
     greedy: bool = False  # argmax of the behaviour distribution instead of sampling
+    draft_k: int = 0  # trb with eps > 0: speculative sampling, the student drafts k tokens per teacher pass
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLERS:
@@ -52,6 +53,12 @@ class Sampler:
             raise ValueError(f"eps must be >= 0; got {self.eps}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if self.draft_k < 0:
+            raise ValueError(f"draft_k must be >= 0; got {self.draft_k}")
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind == "trb" and self.eps > 0 and self.draft_k > 0 and not self.greedy
 
     @property
     def needs_teacher(self) -> bool:
@@ -84,6 +91,8 @@ class Rollout:
     teacher_entropy: torch.Tensor  # [B, T] H(pi_T(.|h_t)) (NaN until scored if not decoded)
     stopped: torch.Tensor  # [B] bool, ended with the stop token (else truncated)
     teacher_decoded: bool = False
+    draft_accepted: torch.Tensor | None = None  # [B] speculative: accepted draft tokens per row
+    draft_proposed: torch.Tensor | None = None  # [B] speculative: drafted tokens per row
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, P+T], attention mask [B, P+T]) of prompt + completion."""
@@ -154,6 +163,9 @@ def rollout(
     """
     if sampler.needs_teacher and teacher is None:
         raise ValueError(f"sampler {sampler.kind!r} with eps={sampler.eps} needs a teacher model")
+    if sampler.speculative:
+        return speculative_rollout(student, teacher, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                   eps=sampler.eps, k=sampler.draft_k, stop=stop, generator=generator)
     b = prompt_ids.shape[0]
     dev = prompt_ids.device
     s_step = _Stepper(student, prompt_ids, prompt_mask)
@@ -259,3 +271,148 @@ def teacher_scores(teacher, ro: Rollout, stop: StopSpec) -> torch.Tensor:
         ro.teacher_logp[m] = t_lp.to(ro.teacher_logp.dtype)
         ro.teacher_entropy[m] = t_ent.to(ro.teacher_entropy.dtype)
     return h_t
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative TRB sampling
+# ---------------------------------------------------------------------------------------------
+
+
+class _SlotModel:
+    """A model on a KV cache whose slots may be invalidated per row (rejected draft tokens stay
+    in the cache, masked out of attention); positions count valid tokens only."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
+        self.model = model
+        self.key = _cache_kwarg(model)
+        self.cache = DynamicCache(config=model.config)
+        self.mask = mask.long()
+        self.length = self.mask.sum(1)  # [B] valid tokens so far = position of the next token
+        if ids.shape[1]:
+            self._run(ids, positions_from_mask(self.mask), logits_to_keep=1)
+
+    def _run(self, ids, positions, logits_to_keep):
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=logits_to_keep, **{self.key: self.cache})
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return out.logits
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [B, n] (all valid); returns logits [B, n, V] after each of them."""
+        n = tokens.shape[1]
+        positions = self.length[:, None] + torch.arange(n, device=tokens.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        self.length = self.length + n
+        return self._run(tokens, positions, logits_to_keep=n)
+
+    def drop_last(self, keep: torch.Tensor, n: int) -> None:
+        """Of the last n slots, keep the first keep[b] of row b; mask out the rest."""
+        idx = torch.arange(n, device=keep.device)
+        dead = idx[None, :] >= keep[:, None]
+        self.mask[:, -n:] = self.mask[:, -n:].masked_fill(dead, 0)
+        self.length = self.length - dead.sum(1)
+
+
+@torch.no_grad()
+def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                        max_new_tokens: int, eps: float, k: int, stop: StopSpec,
+                        generator: torch.Generator | None = None) -> Rollout:
+    """Exact samples from the trust-region blend mu_beta by speculative sampling.
+
+    Per round: the student drafts d_1..d_k from pi_S (k cheap steps); the teacher scores the k + 1
+    positions in one forward; at each position beta*, mu_beta come from the two models' log-probs;
+    d_i is accepted with probability min(1, mu_i(d_i) / pi_S,i(d_i)); the first rejection is
+    replaced by a sample of normalise(max(0, mu_i - pi_S,i)), and when all k are accepted a bonus
+    token is drawn from mu_{k+1}. Every emitted token is therefore distributed as mu_beta given its
+    prefix, exactly as in the per-token decoder, and its records (log pi_S, log pi_T, log mu, beta,
+    KL, teacher entropy) are those of its prefix. Acceptance per token is 1 - TV(mu, pi_S) >=
+    1 - sqrt(eps / 2). Rows advance by different amounts: rejected draft slots stay in the caches,
+    masked out of attention, and positions count only valid tokens.
+    """
+    b, dev = prompt_ids.shape[0], prompt_ids.device
+    # prefill: student on the whole prompt (its next-token distribution), teacher one token behind
+    s_model = _SlotModel(student, prompt_ids[:, :-1], prompt_mask[:, :-1])
+    s_next = _logprobs(s_model.extend(prompt_ids[:, -1:])[:, -1], stop)
+    t_model = _SlotModel(teacher, prompt_ids[:, :-1], prompt_mask[:, :-1])
+    pending = prompt_ids[:, -1]  # the last valid token the teacher has not seen yet
+
+    shape = (b, max_new_tokens)
+    out = {name: torch.zeros(shape, device=dev) for name in ("s", "t", "mu", "beta", "kl", "ent")}
+    tokens = torch.full(shape, stop.pad_id, dtype=torch.long, device=dev)
+    written = torch.zeros(b, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    accepted = torch.zeros(b, dtype=torch.long, device=dev)
+    proposed = torch.zeros(b, dtype=torch.long, device=dev)
+    rows = torch.arange(b, device=dev)
+    while not bool(done.all()):
+        # 1. draft kr <= k tokens with the student (kr forwards; s_all holds pi_S at positions 1..kr+1);
+        # no row can use more than its remaining budget
+        kr = max(1, min(k, int((max_new_tokens - written)[~done].max()) - 1))
+        s_list, drafts = [s_next], []
+        for _ in range(kr):
+            d = sample_from_logprobs(s_list[-1], generator)
+            drafts.append(d)
+            s_list.append(_logprobs(s_model.extend(d[:, None])[:, -1], stop))
+        draft = torch.stack(drafts, 1)  # [B, k]
+        s_all = torch.stack(s_list, 1)  # [B, k+1, V]
+        # 2. one teacher forward over [pending, d_1..d_k] -> pi_T at positions 1..k+1
+        t_all = _logprobs(t_model.extend(torch.cat([pending[:, None], draft], 1)), stop)
+        log_mu, beta, kl = trust_region_blend(s_all, t_all, eps)
+        # 3. accept / reject
+        lp_mu_d = log_mu[:, :kr].gather(-1, draft[..., None])[..., 0]
+        lp_s_d = s_all[:, :kr].gather(-1, draft[..., None])[..., 0]
+        u = torch.rand((b, kr), generator=generator, device=dev)
+        ok = u < (lp_mu_d - lp_s_d).exp()
+        n_acc = ok.long().cumprod(1).sum(1)  # leading accepts, [B]
+        mu_j = log_mu[rows, n_acc]  # [B, V] at the first rejected (or bonus) position
+        s_j = s_all[rows, n_acc]
+        resid = (mu_j.exp() - s_j.exp()).clamp_min(0)
+        bonus = n_acc == kr
+        use_mu = bonus | (resid.sum(-1) <= 0)  # all accepted, or mu == pi_S up to rounding
+        y = torch.where(use_mu, sample_from_logprobs(mu_j, generator),
+                        sample_from_logprobs(resid.clamp_min(1e-38).log().masked_fill(resid <= 0, float("-inf")),
+                                             generator))
+        cand = torch.cat([draft, torch.zeros_like(draft[:, :1])], 1).scatter(1, n_acc[:, None], y[:, None])
+        count = n_acc + 1  # tokens emitted this round, before EOS / length limits
+        # 4. records of the emitted tokens (at most k + 1 per row)
+        t_ent = _entropy(t_all)
+        lp = {"s": s_all, "t": t_all, "mu": log_mu}
+        pos = torch.arange(kr + 1, device=dev)[None, :]
+        is_stop = (cand == stop.emit_id) & (pos < count[:, None])
+        first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, count)
+        n_emit = torch.minimum(first_stop, max_new_tokens - written)
+        n_emit = torch.where(done, torch.zeros_like(n_emit), n_emit)
+        live = pos < n_emit[:, None]  # [B, kr+1]
+        r_idx, p_idx = live.nonzero(as_tuple=True)
+        dst = written[r_idx] + p_idx
+        tok_sel = cand[r_idx, p_idx]
+        tokens[r_idx, dst] = tok_sel
+        for name, full in lp.items():
+            out[name][r_idx, dst] = full[r_idx, p_idx].gather(-1, tok_sel[:, None])[:, 0].float()
+        out["beta"][r_idx, dst] = beta[r_idx, p_idx].float()
+        out["kl"][r_idx, dst] = kl[r_idx, p_idx].float()
+        out["ent"][r_idx, dst] = t_ent[r_idx, p_idx].float()
+        # acceptance bookkeeping: one accept/reject decision per drafted position reached and used
+        decided = torch.minimum(torch.minimum(n_acc + 1, torch.full_like(n_acc, kr)), n_emit)
+        accepted += torch.minimum(n_acc, n_emit)
+        proposed += decided
+        written += n_emit
+        done = done | (is_stop & live).any(1) | (written >= max_new_tokens)
+        if bool(done.all()):
+            break
+        # 5. roll back the caches to the accepted prefix; feed y to the student, keep it pending for the teacher
+        s_model.drop_last(n_acc, kr)
+        t_model.drop_last(n_acc + 1, kr + 1)
+        s_next = _logprobs(s_model.extend(y[:, None])[:, -1], stop)
+        pending = y
+
+    width = int(written.max()) if b else 0
+    mask = torch.arange(width, device=dev)[None, :] < written[:, None]
+    toks = tokens[:, :width]
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=toks, response_mask=mask,
+        student_logp=out["s"][:, :width], teacher_logp=out["t"][:, :width], behavior_logp=out["mu"][:, :width],
+        beta=out["beta"][:, :width], kl=out["kl"][:, :width], replaced=torch.zeros_like(mask),
+        teacher_entropy=out["ent"][:, :width], stopped=((toks == stop.emit_id) & mask).any(1),
+        teacher_decoded=True, draft_accepted=accepted, draft_proposed=proposed,
+    )

@@ -48,6 +48,9 @@ def _cat_rollouts(parts: list[Rollout]) -> dict[str, torch.Tensor]:
                 x = torch.cat([x, torch.full((x.shape[0], pad), fill, dtype=x.dtype, device=x.device)], dim=1)
             out.setdefault(name, []).append(x)
         out.setdefault("stopped", []).append(p.stopped)
+        if p.draft_proposed is not None:
+            out.setdefault("draft_accepted", []).append(p.draft_accepted)
+            out.setdefault("draft_proposed", []).append(p.draft_proposed)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -149,7 +152,7 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     if cfg.num_prompts:
         rows = rows[: cfg.num_prompts]
     eps = cfg.blend.schedule()(cfg.step)
-    sampler = make_sampler(cfg.method, cfg.temperature, cfg.step, eps)
+    sampler = make_sampler(cfg.method, cfg.temperature, cfg.step, eps, cfg.draft_k)
     log(f"trb rollout: method={cfg.method.name} at step {cfg.step} (eps {eps:g}), {len(rows)} prompts x n={cfg.n}")
 
     t0 = time.time()
@@ -230,7 +233,8 @@ def _prompt_text(tok, ids: list[int]) -> str:
 def print_summary(summary: dict, log=print) -> None:
     keys = ["eps", "beta/mean", "beta/p50", "beta/p90", "beta/frac_one", "kl_mu_student/mean", "kl_mu_student/max",
             "teacher/entropy", "teacher/logp", "support_score/seq_mean", "rollout/reward", "rollout/replaced",
-            "rollout/temperature", "rollout/length", "rollout/truncated"]
+            "rollout/temperature", "rollout/length", "rollout/truncated", "spec/acceptance", "spec/pinsker_bound"]
+    keys = [k for k in keys if k in summary]
     log(f"{'diagnostic':<24}{'value':>12}")
     for k in keys:
         v = summary.get(k)

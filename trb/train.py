@@ -1,14 +1,16 @@
 """On-policy distillation with Trust-Region behavior Blending: the training loop.
 
     trb train                                   # the embedded default (toy pair, CPU, minutes)
-    trb train blend=none                        # vanilla OPD
+    trb train method=opd                        # vanilla OPD (also fixed, skd, veto, temp_warmup, sft_warmup)
     trb train blend=cosine blend.eps0=0.02 blend.horizon=50
-    trb train -m blend=none,linear seed=0,1,2   # a sweep, one Hydra dir per job
+    trb train -m method=opd,trb seed=0,1,2      # a sweep, one Hydra dir per job; then trb report
 
-One step, top to bottom: eps_k from the schedule -> rollouts of prompts x n under the
-trust-region behaviour policy (per-token records) -> rewards from math-verify -> teacher and
-student forwards over the finished sequences -> chunked reverse-KL loss -> AdamW -> metrics ->
-(every eval_every steps) greedy eval -> (every save_every steps) checkpoint.
+One step, top to bottom: eps_k from the schedule -> rollouts of prompts x n under the method's
+behaviour policy (per-token records) -> rewards from math-verify -> teacher and student forwards
+over the finished sequences -> chunked reverse-KL loss (Veto: to the Veto target) -> AdamW ->
+metrics -> (every eval_every steps) eval -> (every save_every steps) checkpoint. sft_warmup
+first samples the teacher on the prompts of its first steps and runs sft_updates supervised
+steps on them (they count as steps), then OPD.
 """
 
 from __future__ import annotations
@@ -81,13 +83,13 @@ def encode_batch(tok, rows: list[dict], prompt, max_prompt_tokens: int, device):
     return rows, ids[:, ids.shape[1] - width :], mask[:, mask.shape[1] - width :], int((~keep).sum())
 
 
-def make_sampler(method: MethodConfig, temperature: float, step: int, eps: float) -> Sampler:
+def make_sampler(method: MethodConfig, temperature: float, step: int, eps: float, draft_k: int = 0) -> Sampler:
     """The behaviour policy of `method` at optimiser step `step` (eps from the blend schedule,
-    `temperature` the rollout temperature)."""
+    `temperature` the rollout temperature, draft_k > 0: speculative TRB sampling)."""
     if method.name == "skd":
         return Sampler("skd", skd_top_k=method.skd_top_k, skd_temperature=method.skd_temperature)
     if method.name in ("trb", "fixed"):
-        return Sampler("trb", eps=eps, temperature=temperature)
+        return Sampler("trb", eps=eps, temperature=temperature, draft_k=draft_k)
     return Sampler("student", temperature=temperature * method.temperature(step))
 
 
@@ -160,7 +162,7 @@ def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, g
 
     # 1. rollouts under the behaviour policy
     student.eval()
-    sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps)
+    sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps, cfg.rollout.draft_k)
     ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
                  stop=stop, generator=gen)
     t_roll = time.time()
