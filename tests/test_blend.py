@@ -227,3 +227,21 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
     assert torch.allclose(top_p_logprobs(lp, 0.45).exp(), torch.tensor([[1.0, 0, 0, 0]]))
     assert top_p_logprobs(lp, 1.0) is lp
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "disjoint", "zeros", "smooth"])
+def test_newton_search_matches_bisection_reference(kind):
+    rng = np.random.default_rng(7 + len(kind))
+    diffs = []
+    for v in (3, 64, 4096):
+        pairs = [random_pair(rng, v, kind) for _ in range(16)]
+        s = torch.tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)
+        t = torch.tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)
+        for eps in EPS_GRID:
+            fast = trust_region_beta(s, t, eps, method="newton")
+            ref = trust_region_beta(s, t, eps, method="bisect")
+            diffs.append(float((fast - ref).abs().max()))
+            # feasible as evaluated by the blend itself
+            _, _, kl = trust_region_blend(s, t, eps)
+            assert float(kl.max()) <= eps
+    assert max(diffs) < 1e-4, max(diffs)

