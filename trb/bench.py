@@ -204,26 +204,33 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
             if n > batch:
                 continue
             ids, mask = bench_prompts(tok, batch, n, dev)
+            with torch.no_grad():
+                for mode in modes:  # warm-up
+                    run_mode(mode, student, teacher, ids, mask, min(new_tokens, 8), eps, dev)
+                # repeats interleave the modes, so a slow spell of a shared machine hits them all alike
+                runs: dict[str, list[dict]] = {m: [] for m in modes}
+                peaks: dict[str, float] = {}
+                for i in range(repeats):
+                    for mode in modes:
+                        _peak_reset(dev)
+                        runs[mode].append(run_mode(mode, student, teacher, ids, mask, new_tokens, eps, dev, seed=i))
+                        peaks[mode] = max(peaks.get(mode, 0.0), _peak_mb(dev))
+                        gc.collect()
             for mode in modes:
-                with torch.no_grad():
-                    run_mode(mode, student, teacher, ids, mask, min(new_tokens, 8), eps, dev)  # warm-up
-                    _peak_reset(dev)
-                    runs = [run_mode(mode, student, teacher, ids, mask, new_tokens, eps, dev, seed=i)
-                            for i in range(repeats)]
-                sec = statistics.median(r["seconds"] for r in runs)
-                r0 = runs[0]
+                rs = runs[mode]
+                sec = statistics.median(r["seconds"] for r in rs)
+                r0 = rs[0]
                 row = {"batch": batch, "n": n, "mode": mode, "seconds": sec,
                        "decode_tok_s": r0["tokens"] / sec, "slot_tok_s": r0["slots"] / sec,
-                       "prefill_s": statistics.median(r.get("prefill", float("nan")) for r in runs),
+                       "prefill_s": statistics.median(r.get("prefill", float("nan")) for r in rs),
                        "search_ms_per_step": statistics.median(1e3 * r.get("search", 0.0) / max(r.get("steps", 1), 1)
-                                                               for r in runs),
-                       "acceptance": statistics.fmean(r["acceptance"] for r in runs) if "acceptance" in r0 else None,
-                       "peak_mb": _peak_mb(dev)}
+                                                               for r in rs),
+                       "acceptance": statistics.fmean(r["acceptance"] for r in rs) if "acceptance" in r0 else None,
+                       "peak_mb": peaks[mode]}
                 rows.append(row)
                 acc = f"{row['acceptance']:.3f}" if row["acceptance"] is not None else "-"
                 log(f"{batch:>5} {n:>2} {mode:>9} {row['decode_tok_s']:>10.0f} {row['slot_tok_s']:>10.0f} "
                     f"{row['prefill_s']:>9.4f} {row['search_ms_per_step']:>14.3f} {acc:>6} {row['peak_mb']:>8.0f}")
-                gc.collect()
     ratios = rollout_ratios(rows, eps)
     for k, v in ratios.items():
         log(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
