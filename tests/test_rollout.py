@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 
 from helpers import prompts, tiny_model
 from trb.blend import blend_logprobs, kl_divergence
+from trb.models import check_pair
 from trb.rollout import Sampler, StopSpec, response_hidden, rollout, score_tokens
 
 
@@ -128,3 +130,23 @@ def test_encode_batch_skips_and_counts_long_prompts():
     assert mask[:, -1].all()  # still left-padded: every kept prompt ends at the last column
     kept, ids, _, skipped = encode_batch(tok, rows, PromptConfig(), 1000, "cpu")
     assert skipped == 0 and len(kept) == 3
+
+
+@pytest.mark.parametrize("kind,eps,k", [("student", 0.0, 0), ("trb", 0.05, 0), ("trb", 0.05, 3), ("skd", 0.0, 0)])
+def test_prefix_sharing_equals_repeated_prompts(kind, eps, k):
+    """rollout(n=4) prefills each prompt once and replicates its caches: same samples, same records
+    as repeating the prompt rows beforehand (same generator state)."""
+    s, tok = tiny_model(scale=3.0)
+    t, ttok = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
+    stop = check_pair(s, tok, t, ttok)
+    ids, mask = prompts(tok)
+    sampler = Sampler(kind, eps=eps, draft_k=k, skd_top_k=3)
+    shared = rollout(s, t, ids, mask, max_new_tokens=12, sampler=sampler, stop=stop,
+                     generator=torch.Generator().manual_seed(5), n=4)
+    rep = rollout(s, t, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), max_new_tokens=12,
+                  sampler=sampler, stop=stop, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(shared.tokens, rep.tokens) and torch.equal(shared.response_mask, rep.response_mask)
+    assert torch.equal(shared.prompt_ids, rep.prompt_ids)
+    m = rep.response_mask
+    for name in ("student_logp", "behavior_logp", "beta", "kl"):
+        torch.testing.assert_close(getattr(shared, name)[m], getattr(rep, name)[m], atol=1e-5, rtol=0)

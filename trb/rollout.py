@@ -116,14 +116,19 @@ def _cache_kwarg(model) -> str:
 class _Stepper:
     """One model's incremental decoding state (cache + running positions)."""
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeat: int = 1):
         self.model = model
         self.key = _cache_kwarg(model)
         self.mask = prompt_mask.long()
         positions = positions_from_mask(self.mask)
         self.pos = positions[:, -1:]
         self.cache = DynamicCache(config=model.config)
-        self._forward(prompt_ids, positions)  # prefill
+        self._forward(prompt_ids, positions)  # prefill, once per distinct prompt
+        if repeat > 1:  # prefix sharing: replicate the prompt caches for the n samples
+            self.cache.batch_repeat_interleave(repeat)
+            self.mask = self.mask.repeat_interleave(repeat, 0)
+            self.pos = self.pos.repeat_interleave(repeat, 0)
+            self.logits = self.logits.repeat_interleave(repeat, 0)
 
     def advance(self, tokens: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
@@ -183,10 +188,12 @@ def rollout(
     stop: StopSpec,
     generator: torch.Generator | None = None,
     timings: dict | None = None,
+    n: int = 1,
 ) -> Rollout:
-    """Sample one completion per row of the left-padded prompts under `sampler`.
+    """Sample n completions per row of the left-padded prompts under `sampler`.
 
-    Args: prompt_ids, prompt_mask [B, P] (repeat rows beforehand for n samples per prompt);
+    Args: prompt_ids, prompt_mask [B, P]; n: samples per prompt (each prompt is prefilled once and
+    its KV cache replicated; the result has B * n rows, prompt i's samples at rows i*n .. i*n+n-1);
     teacher may be None when `sampler.needs_teacher` is False; timings: a dict that receives
     seconds of prefill and of the trust-region search, and the number of decoding steps
     (benchmarks; it synchronises CUDA around the timed parts). Returns a `Rollout`.
@@ -196,12 +203,14 @@ def rollout(
     if sampler.speculative:
         return speculative_rollout(student, teacher, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                    eps=sampler.eps, k=sampler.draft_k, stop=stop, generator=generator,
-                                   timings=timings)
-    b = prompt_ids.shape[0]
+                                   timings=timings, n=n)
     dev = prompt_ids.device
     clock = _Clock(timings, dev)
-    s_step = _Stepper(student, prompt_ids, prompt_mask)
-    t_step = _Stepper(teacher, prompt_ids, prompt_mask) if sampler.needs_teacher else None
+    s_step = _Stepper(student, prompt_ids, prompt_mask, repeat=n)
+    t_step = _Stepper(teacher, prompt_ids, prompt_mask, repeat=n) if sampler.needs_teacher else None
+    if n > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+    b = prompt_ids.shape[0]
     clock.add("prefill")
 
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in
@@ -318,14 +327,17 @@ class _SlotModel:
     """A model on a KV cache whose slots may be invalidated per row (rejected draft tokens stay
     in the cache, masked out of attention); positions count valid tokens only."""
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, repeat: int = 1):
         self.model = model
         self.key = _cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.mask = mask.long()
-        self.length = self.mask.sum(1)  # [B] valid tokens so far = position of the next token
         if ids.shape[1]:
             self._run(ids, positions_from_mask(self.mask), logits_to_keep=1)
+            if repeat > 1:  # prefix sharing: one prefill per distinct prompt
+                self.cache.batch_repeat_interleave(repeat)
+        self.mask = self.mask.repeat_interleave(repeat, 0)
+        self.length = self.mask.sum(1)  # [B] valid tokens so far = position of the next token
 
     def _run(self, ids, positions, logits_to_keep):
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
@@ -352,7 +364,8 @@ class _SlotModel:
 @torch.no_grad()
 def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                         max_new_tokens: int, eps: float, k: int, stop: StopSpec,
-                        generator: torch.Generator | None = None, timings: dict | None = None) -> Rollout:
+                        generator: torch.Generator | None = None, timings: dict | None = None,
+                        n: int = 1) -> Rollout:
     """Exact samples from the trust-region blend mu_beta by speculative sampling.
 
     Per round: the student drafts d_1..d_k from pi_S (k cheap steps); the teacher scores the k + 1
@@ -365,12 +378,16 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
     1 - sqrt(eps / 2). Rows advance by different amounts: rejected draft slots stay in the caches,
     masked out of attention, and positions count only valid tokens.
     """
-    b, dev = prompt_ids.shape[0], prompt_ids.device
+    dev = prompt_ids.device
     clock = _Clock(timings, dev)
-    # prefill: student on the whole prompt (its next-token distribution), teacher one token behind
-    s_model = _SlotModel(student, prompt_ids[:, :-1], prompt_mask[:, :-1])
+    # prefill (once per distinct prompt, caches replicated n times): student on the whole prompt
+    # (its next-token distribution), teacher one token behind
+    s_model = _SlotModel(student, prompt_ids[:, :-1], prompt_mask[:, :-1], repeat=n)
+    t_model = _SlotModel(teacher, prompt_ids[:, :-1], prompt_mask[:, :-1], repeat=n)
+    if n > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+    b = prompt_ids.shape[0]
     s_next = _logprobs(s_model.extend(prompt_ids[:, -1:])[:, -1], stop)
-    t_model = _SlotModel(teacher, prompt_ids[:, :-1], prompt_mask[:, :-1])
     pending = prompt_ids[:, -1]  # the last valid token the teacher has not seen yet
     clock.add("prefill")
 

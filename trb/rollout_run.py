@@ -163,13 +163,12 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
         skipped += sk
         if not chunk:
             continue
-        ids, mask = ids.repeat_interleave(cfg.n, 0), mask.repeat_interleave(cfg.n, 0)
         ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.max_new_tokens, sampler=sampler, stop=stop,
-                     generator=gen)
+                     generator=gen, n=cfg.n)
         teacher_scores(teacher, ro, stop)  # teacher log-probs / entropy for student-only samplers
         parts.append(ro)
         kept += [(r, j) for r in chunk for j in range(cfg.n)]
-        prompt_ids += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        prompt_ids += [row[m.bool()].tolist() for row, m in zip(ro.prompt_ids, ro.prompt_mask)]
     if not parts:
         raise ValueError(f"no prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
     seconds = time.time() - t0

@@ -157,14 +157,13 @@ def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, g
     if not rows:
         return None
     n = cfg.rollout.n
-    ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     golds = [r["gold"] for r in rows for _ in range(n)]
 
-    # 1. rollouts under the behaviour policy
+    # 1. rollouts under the behaviour policy (each prompt prefilled once for its n samples)
     student.eval()
     sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps, cfg.rollout.draft_k)
     ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
-                 stop=stop, generator=gen)
+                 stop=stop, generator=gen, n=n)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     rewards = (grader.grade(decode_completions(tok, ro.tokens, ro.response_mask), golds)
