@@ -247,3 +247,22 @@ def test_newton_search_matches_bisection_reference(kind):
             else:
                 assert float(fast.abs().max()) == 0
     assert max(diffs) < 1e-4, max(diffs)
+
+
+@pytest.mark.slow
+def test_compiled_search_matches_eager():
+    from trb.blend import compile_search
+
+    rng = np.random.default_rng(3)
+    pairs = [random_pair(rng, 2048, k) for k in ["peaked", "smooth", "flat", "zeros"] * 2]
+    s = torch.tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)
+    t = torch.tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)
+    eager = trust_region_beta(s, t, 0.01)
+    compile_search(True)
+    try:
+        fused = trust_region_beta(s, t, 0.01)
+        fused3d = trust_region_beta(s.view(2, 4, -1), t.view(2, 4, -1), 0.01)  # same 2-D kernel
+    finally:
+        compile_search(False)
+    assert float((fused - eager).abs().max()) < 1e-6
+    assert torch.equal(fused3d.reshape(-1), fused)

@@ -174,7 +174,11 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
     point evaluated (so KL <= eps holds as evaluated). Shapes: s, r [..., V]; eps, lo, hi [...].
     """
     r_fin = torch.where(torch.isfinite(r), r, torch.zeros((), dtype=r.dtype, device=r.device))
-    _, var0 = _kl_and_var(s, r_fin, r_fin, torch.zeros_like(lo))
+    shape, v = lo.shape, s.shape[-1]
+    s, r, r_fin = s.reshape(-1, v), r.reshape(-1, v), r_fin.reshape(-1, v)  # 2-D: one compiled kernel
+    eps, lo, hi = eps.reshape(-1), lo.reshape(-1), hi.reshape(-1)
+    kl_and_var, kl_at = _KERNELS["kl_and_var"], _KERNELS["kl_at"]
+    _, var0 = kl_and_var(s, r_fin, r_fin, torch.zeros_like(lo))
     beta = torch.where(var0 > 0, torch.sqrt(2 * eps / var0.clamp_min(1e-300)), torch.full_like(lo, 0.5))
     # beta = 1 is decided by the KL(pi_T || pi_S) check alone (below 1, tokens the student gives 0
     # stay out of mu); the search stays strictly inside [0, 1) like the bisection does
@@ -182,7 +186,7 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
     sq_eps = torch.sqrt(eps)
     early_exit = s.device.type == "cpu"  # a host sync is free on CPU; on GPUs the count stays fixed
     for _ in range(iters):
-        kl, var = _kl_and_var(s, r_fin, r, beta)
+        kl, var = kl_and_var(s, r_fin, r, beta)
         feasible = kl <= eps
         lo = torch.where(feasible, torch.maximum(lo, beta), lo)
         hi = torch.where(feasible, hi, torch.minimum(hi, beta))
@@ -197,8 +201,25 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
                 break
         beta = new_beta
     cand = torch.minimum(beta * (1 - 1e-7), hi)
-    ok = (_kl_at(s, r, cand) <= eps) & (cand > lo)  # the final word: the per-token (stable) KL sum
-    return torch.where(ok, cand, lo)
+    ok = (kl_at(s, r, cand) <= eps) & (cand > lo)  # the final word: the per-token (stable) KL sum
+    return torch.where(ok, cand, lo).reshape(shape)
+
+
+_KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at}
+
+
+def compile_search(enabled: bool = True) -> None:
+    """Use torch.compile'd (fused) kernels for the passes of the Newton search.
+
+    Each pass then reads the vocabulary row once instead of once per elementwise op: 8x faster
+    per pass at [8, 49152] float64 on one CPU core, after a one-off compile of ~40 s (cached on
+    disk by inductor afterwards). Worth it for long runs and large vocabularies; off by default.
+    """
+    if enabled:
+        _KERNELS["kl_and_var"] = torch.compile(_kl_and_var, dynamic=True)
+        _KERNELS["kl_at"] = torch.compile(_kl_at, dynamic=True)
+    else:
+        _KERNELS.update(kl_and_var=_kl_and_var, kl_at=_kl_at)
 
 
 def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

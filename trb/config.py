@@ -172,6 +172,7 @@ class RolloutConfig:
     temperature: float = 1.0  # rollout temperature (paper: 1.0)
     max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
     draft_k: int = 0  # speculative TRB sampling while eps > 0: student drafts k tokens per teacher pass (0 = off)
+    compile_search: bool = False  # torch.compile the beta search's passes (~40 s once; pays on large vocabularies)
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"rollout.n must be >= 1; got {self.n}")
@@ -324,6 +325,7 @@ class RolloutRunConfig:
     temperature: float = 1.0  # rollout temperature
     max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
     draft_k: int = 0  # speculative TRB sampling: student drafts k tokens per teacher pass (0 = per token)
+    compile_search: bool = False  # torch.compile the beta search's passes (~40 s once)
     step: int = 0  # the training step whose eps / temperature / SKD setting is used
     batch: int = 64  # sequences decoded together
     probe: ProbeConfig = field(default_factory=ProbeConfig)

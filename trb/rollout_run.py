@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from trb.blend import compile_search
 from trb.config import RolloutRunConfig
 from trb.data import extract_answer, load_rows
 from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
@@ -143,6 +144,8 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     gen = seed_everything(cfg.seed)
     if device.type == "cuda":
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    if cfg.compile_search:
+        compile_search(True)
     student, tok = load_model(cfg.student, "student", device)
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     student.eval()

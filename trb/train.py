@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trb.blend import compile_search
 from trb.checkpoint import save_checkpoint
 from trb.config import MethodConfig, TrainConfig
 from trb.data import load_rows, render
@@ -220,6 +221,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     if device.type == "cuda":
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
+    if cfg.rollout.compile_search:
+        compile_search(True)
     student, tok = load_model(cfg.student, "student", device)
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
