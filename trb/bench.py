@@ -89,7 +89,7 @@ def load_pair(name: str, device: torch.device):
     elif name == "vocab32k":
         from trb.toy import build_tokenizer
 
-        tok = build_tokenizer()
+        tok = build_tokenizer("<|endoftext|>")  # prompts use the first 260 ids; speed is what counts
         s = _random_qwen3(32768, 64, 4, 4, 2, 256, torch.float32, 0)
         t = _random_qwen3(32768, 128, 4, 4, 2, 512, torch.float32, 1)
         desc = "random Qwen3 4x64 / 4x128, vocab 32,768"
@@ -99,7 +99,7 @@ def load_pair(name: str, device: torch.device):
     elif name == "gpu-0.6b-4b":
         from trb.toy import build_tokenizer
 
-        tok = build_tokenizer()
+        tok = build_tokenizer("<|endoftext|>")  # prompts use the first 260 ids; speed is what counts
         s = _random_qwen3(151936, 1024, 28, 16, 8, 3072, torch.bfloat16, 0)
         t = _random_qwen3(151936, 2560, 36, 32, 8, 9728, torch.bfloat16, 1)
         desc = "random Qwen3-0.6B / Qwen3-4B shapes, bf16"
@@ -276,3 +276,137 @@ def write_result(result: dict, out: Path | str | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# training step
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hwm_mb() -> float:
+    """Peak RSS of this process (VmHWM) since the last _reset_hwm()."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_hwm() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def loss_peak_memory(pair: str, batch: int, length: int, chunk: int, device: str = "cpu") -> dict:
+    """Peak memory of one loss forward + backward (student hidden states -> chunked top-k reverse
+    KL -> backward): CUDA peak allocation, or on CPU the rise of the process's peak RSS (VmHWM,
+    reset just before the call) above its RSS before the call."""
+    from trb.losses import chunked_distill_loss
+
+    dev = torch.device(device)
+    student, teacher, _, _ = load_pair(pair, dev)
+    g = torch.Generator().manual_seed(0)
+    v = student.config.vocab_size
+    hs = torch.randn(batch * length, student.config.hidden_size, generator=g).to(dev).requires_grad_(True)
+    ht = torch.randn(batch * length, teacher.config.hidden_size, generator=g).to(dev)
+    tokens = torch.randint(0, v, (batch * length,), generator=g).to(dev)
+    gc.collect()
+    base = _rss_mb()
+    _peak_reset(dev)
+    _reset_hwm()
+    loss, _ = chunked_distill_loss(hs, student.get_output_embeddings(), ht, teacher.get_output_embeddings(),
+                                   estimator="topk", k=16, tokens=tokens, chunk_size=chunk)
+    loss.backward()
+    rise = _peak_mb(dev) if dev.type == "cuda" else _hwm_mb() - base
+    return {"positions": batch * length, "vocab": v, "chunk": chunk, "peak_rise_mb": rise,
+            "logits_fp32_both_models_mb": 2 * batch * length * v * 4 / 2**20}
+
+
+def bench_train(pair: str = "vocab32k", batch: int = 16, prompt_len: int = 32, new_tokens: int = 64,
+                repeats: int = 3, device: str = "auto", threads: int = 1, log=print) -> dict:
+    """Teacher scoring and student forward+backward tokens/s on fixed random sequences, the
+    rollout's share of a full step, and the loss's peak memory chunked vs naive (one chunk)."""
+    import subprocess
+    import sys
+
+    from trb.losses import chunked_distill_loss
+    from trb.models import pick_device
+    from trb.rollout import response_hidden, score_tokens
+
+    torch.set_num_threads(threads)
+    dev = pick_device(device)
+    student, teacher, tok, desc = load_pair(pair, dev)
+    v = student.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, v, (batch, prompt_len + new_tokens), generator=g).to(dev)
+    smask = torch.ones_like(seq)
+    m = torch.ones(batch, new_tokens, dtype=torch.bool, device=dev)
+    stop = StopSpec(stop_ids=[], emit_id=-1, pad_id=0)
+    toks = seq[:, prompt_len:][m]
+    n_tok = int(m.sum())
+
+    def teacher_score():
+        with torch.no_grad():
+            h = response_hidden(teacher, seq, smask, prompt_len, m)
+            score_tokens(teacher.get_output_embeddings(), h, toks, stop)
+
+    def student_update():
+        student.train()
+        with torch.no_grad():
+            ht = response_hidden(teacher, seq, smask, prompt_len, m)
+        hs = response_hidden(student, seq, smask, prompt_len, m)
+        loss, _ = chunked_distill_loss(hs, student.get_output_embeddings(), ht, teacher.get_output_embeddings(),
+                                       estimator="topk", k=16, tokens=toks, chunk_size=128)
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+        student.eval()
+
+    def roll():
+        ids, mask = bench_prompts(tok, batch, 4, dev)
+        with torch.no_grad():
+            rollout(student, teacher, ids[::4], mask[::4], max_new_tokens=new_tokens, sampler=Sampler("trb", eps=0.01),
+                    stop=stop, generator=torch.Generator(device=dev).manual_seed(0), n=4)
+
+    def timed(fn):
+        fn()
+        out = []
+        for _ in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    t_teacher, t_update, t_roll = timed(teacher_score), timed(student_update), timed(roll)
+    log(f"pair {pair}: {desc}; {batch} sequences x ({prompt_len} prompt + {new_tokens} response) tokens")
+    log(f"teacher scoring: {n_tok / t_teacher:.0f} response tok/s; student forward+backward (incl. the teacher "
+        f"forward the loss needs): {n_tok / t_update:.0f} tok/s; TRB rollout (eps 0.01): {n_tok / t_roll:.0f} tok/s")
+    share = t_roll / (t_roll + t_update)
+    log(f"share of a step in the rollout: {share:.2f} (rollout {t_roll:.2f} s, update {t_update:.2f} s)")
+    mem = {}
+    for name, chunk in (("chunked", 128), ("naive", batch * new_tokens)):
+        code = ("import json,torch; torch.set_num_threads(1); from trb.bench import loss_peak_memory; "
+                f"print(json.dumps(loss_peak_memory({pair!r}, {batch}, {new_tokens}, {chunk}, {str(dev)!r})))")
+        # a fixed mmap threshold makes glibc hand freed chunk buffers back at once, so the peak RSS
+        # reflects live tensors rather than the allocator's cache
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+        mem[name] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-500:]}
+    if "peak_rise_mb" in mem["chunked"] and "peak_rise_mb" in mem["naive"]:
+        log(f"loss peak memory rise: chunked {mem['chunked']['peak_rise_mb']:.0f} MB vs naive "
+            f"{mem['naive']['peak_rise_mb']:.0f} MB (fp32 logits of both models: "
+            f"{mem['naive']['logits_fp32_both_models_mb']:.0f} MB)")
+    return {"kind": "train", "pair": pair, "description": desc, "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "device": str(dev), "machine": machine(),
+            "teacher_score_tok_s": n_tok / t_teacher, "student_update_tok_s": n_tok / t_update,
+            "rollout_tok_s": n_tok / t_roll, "rollout_share": share, "loss_memory": mem}

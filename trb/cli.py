@@ -223,6 +223,29 @@ def bench_rollout_cmd(
     typer.echo(f"wrote {write_result(res, out)}")
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    pair: str = typer.Option("vocab32k", help="toy | vocab32k | smollm2 | gpu-0.6b-4b"),
+    batch: int = typer.Option(16, help="Sequences per step."),
+    prompt_len: int = typer.Option(32, help="Prompt tokens per sequence."),
+    new_tokens: int = typer.Option(64, help="Response tokens per sequence."),
+    repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/train_PAIR_TIME.json)."),
+) -> None:
+    """Training-step speed (teacher scoring, student forward+backward, rollout share) and the loss's
+    peak memory chunked vs naive."""
+    from trb.bench import bench_train, write_result
+
+    try:
+        res = bench_train(pair, batch, prompt_len, new_tokens, repeats, device, threads, log=typer.echo)
+    except (RuntimeError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {write_result(res, out)}")
+
+
 def _run_user_task(fn) -> None:
     """Turn the errors a user can fix (bad paths, configs, offline hub ids) into one-paragraph messages."""
     from trb.data import DatasetError
