@@ -52,7 +52,8 @@ bench-deps: install
 bench: bench-deps
 	$(BIN)/trb bench rollout --pair toy --batch 1,8,32,64 --n 1,4
 	$(BIN)/trb bench rollout --pair vocab32k --batch 8,32 --n 1 --modes student,teacher,blend,spec4,fast
-	$(BIN)/trb bench rollout --pair smollm2 --batch 8 --n 1
+	$(BIN)/trb bench rollout --pair smollm2 --batch 8 --n 1 --new-tokens 128 --compile
+	$(BIN)/trb bench train --pair vocab32k --batch 32 --new-tokens 128
 
 clean:
 	rm -rf $(VENV) outputs/train outputs/multirun
