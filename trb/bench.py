@@ -191,18 +191,19 @@ def run_mode(mode: str, student, teacher, ids, mask, new_tokens: int, eps: float
 
 def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MODES, new_tokens: int = 64,
                   eps: float = 0.01, repeats: int = 3, device: str = "auto", threads: int = 1, compile: bool = False,
-                  log=print) -> dict:
+                  search: str = "newton", log=print) -> dict:
     """Every (batch, n, mode): median of `repeats` timed decodes after one warm-up."""
-    from trb.blend import compile_search
+    from trb.blend import compile_search, set_search_method
     from trb.models import pick_device
 
     compile_search(compile)
+    set_search_method(search)
     torch.set_num_threads(threads)
     dev = pick_device(device)
     student, teacher, tok, desc = load_pair(pair, dev)
     rows = []
     log(f"pair {pair}: {desc}; {new_tokens} new tokens, eps {eps}, device {dev}, {threads} thread(s), "
-        f"search {'compiled' if compile else 'eager'}")
+        f"{search} search {'compiled' if compile else 'eager'}")
     log(f"{'batch':>5} {'n':>2} {'mode':>9} {'dec tok/s':>10} {'slot tok/s':>10} {'prefill s':>9} "
         f"{'search/step ms':>14} {'accept':>6} {'peak MB':>8}")
     for batch in batches:
@@ -243,7 +244,7 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
     for k, v in ratios.items():
         log(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     return {"kind": "rollout", "pair": pair, "description": desc, "new_tokens": new_tokens, "eps": eps,
-            "repeats": repeats, "device": str(dev), "threads": threads, "compiled_search": compile,
+            "repeats": repeats, "device": str(dev), "threads": threads, "compiled_search": compile, "search": search,
             "machine": machine(), "rows": rows,
             "ratios": ratios}
 

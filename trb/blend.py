@@ -93,7 +93,7 @@ def trust_region_beta(
     teacher_logprobs: torch.Tensor,
     eps: float | torch.Tensor,
     iters: int = SEARCH_ITERS,
-    method: str = "newton",
+    method: str | None = None,
 ) -> torch.Tensor:
     """The largest beta in [0, 1] with KL(mu_beta || pi_S) <= eps, per row.
 
@@ -129,6 +129,7 @@ def trust_region_beta(
     kl_full = kl_divergence(t, s)  # KL(pi_T || pi_S): the beta = 1 check
     lo = torch.zeros(batch_shape, dtype=s.dtype, device=s.device)
     hi = torch.ones(batch_shape, dtype=s.dtype, device=s.device)
+    method = method or _KERNELS["method"]
     if method == "bisect":
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
@@ -205,7 +206,15 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
     return torch.where(ok, cand, lo).reshape(shape)
 
 
-_KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at}
+_KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at, "method": "newton"}
+
+
+def set_search_method(method: str) -> None:
+    """The default search of trust_region_beta: newton (default) or bisect (the reference;
+    benchmarks compare the two)."""
+    if method not in ("newton", "bisect"):
+        raise ValueError(f"search method must be newton or bisect; got {method!r}")
+    _KERNELS["method"] = method
 
 
 def compile_search(enabled: bool = True) -> None:

@@ -209,6 +209,7 @@ def bench_rollout_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: int = typer.Option(1, help="torch CPU threads."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the beta search (one-off ~40 s)."),
+    search: str = typer.Option("newton", help="Beta search: newton (default) or bisect (the previous one)."),
     out: Path = typer.Option(None, help="JSON output (default benchmarks/results/rollout_PAIR_TIME.json)."),
 ) -> None:
     """Decode speed of every sampler: tokens/s, prefill, beta-search time, acceptance, peak memory."""
@@ -216,7 +217,7 @@ def bench_rollout_cmd(
 
     try:
         res = bench_rollout(pair, _ints(batch), _ints(n), [m for m in modes.split(",") if m], new_tokens, eps,
-                            repeats, device, threads, compile, log=typer.echo)
+                            repeats, device, threads, compile, search, log=typer.echo)
     except (RuntimeError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None
