@@ -206,7 +206,38 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
     return torch.where(ok, cand, lo).reshape(shape)
 
 
-_KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at, "method": "newton"}
+def _blend_stats(s: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z, KL(mu_beta || pi_S)) per row, mu_beta = exp(_mix(s, t, beta) - log Z): the blend's
+    normaliser and realised KL without keeping log mu. [..., V] (float64) -> [...], [...]."""
+    z = _mix(s, t, beta)
+    log_z = torch.logsumexp(z, dim=-1, keepdim=True)
+    log_mu = z - log_z
+    return log_z[..., 0], safe_prod(log_mu.exp(), log_mu - s).sum(-1)
+
+
+_KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at, "blend_stats": _blend_stats, "method": "newton"}
+
+
+def trust_region_stats(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, eps: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(beta, log Z, KL(mu || pi_S)) of the trust-region blend without materialising log mu:
+    log mu(x) = _mix(s, t, beta)(x) - log Z for any token x (see `blend_at`). Same beta and KL as
+    `trust_region_blend`; used where only a few tokens' log mu are needed (speculative sampling).
+    Shapes: [..., V] -> [...] x 3 (beta, KL float32 rounded down; log Z float64)."""
+    s, t = student_logprobs.double(), teacher_logprobs.double()
+    beta = trust_region_beta(s, t, eps)
+    shape, v = s.shape[:-1], s.shape[-1]
+    log_z, kl = _KERNELS["blend_stats"](s.reshape(-1, v), t.reshape(-1, v), beta.double().reshape(-1))
+    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
+    return _round_down(beta, out), log_z.reshape(shape), _round_down(kl.reshape(shape), out)
+
+
+def blend_at(s_x: torch.Tensor, t_x: torch.Tensor, beta: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """log mu_beta(x) from the two models' log-probs of token x, beta and the blend's log Z.
+    Shapes: all [...] -> [...] (float32)."""
+    z = _mix(s_x.double().unsqueeze(-1), t_x.double().unsqueeze(-1), beta.double())[..., 0]
+    return (z - log_z).float()
 
 
 def set_search_method(method: str) -> None:
@@ -227,8 +258,9 @@ def compile_search(enabled: bool = True) -> None:
     if enabled:
         _KERNELS["kl_and_var"] = torch.compile(_kl_and_var, dynamic=True)
         _KERNELS["kl_at"] = torch.compile(_kl_at, dynamic=True)
+        _KERNELS["blend_stats"] = torch.compile(_blend_stats, dynamic=True)
     else:
-        _KERNELS.update(kl_and_var=_kl_and_var, kl_at=_kl_at)
+        _KERNELS.update(kl_and_var=_kl_and_var, kl_at=_kl_at, blend_stats=_blend_stats)
 
 
 def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 from transformers import DynamicCache
 
 from trb.blend import (
+    blend_at,
+    blend_logprobs,
     canonicalize_eos,
     kl_divergence,
     safe_prod,
@@ -29,6 +31,7 @@ from trb.blend import (
     temperature_logprobs,
     top_p_logprobs,
     trust_region_blend,
+    trust_region_stats,
 )
 
 SAMPLERS = ("student", "trb", "skd", "teacher")
@@ -413,16 +416,18 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         # 2. one teacher forward over [pending, d_1..d_k] -> pi_T at positions 1..k+1
         t_all = _logprobs(t_model.extend(torch.cat([pending[:, None], draft], 1)), stop)
         clock.add(None)
-        log_mu, beta, kl = trust_region_blend(s_all, t_all, eps)
+        # beta*, the blend's normaliser and KL at every position; log mu only where it is needed
+        beta, log_z, kl = trust_region_stats(s_all, t_all, eps)
         clock.add("search")
         # 3. accept / reject
-        lp_mu_d = log_mu[:, :kr].gather(-1, draft[..., None])[..., 0]
         lp_s_d = s_all[:, :kr].gather(-1, draft[..., None])[..., 0]
+        lp_t_d = t_all[:, :kr].gather(-1, draft[..., None])[..., 0]
+        lp_mu_d = blend_at(lp_s_d, lp_t_d, beta[:, :kr], log_z[:, :kr])
         u = torch.rand((b, kr), generator=generator, device=dev)
         ok = u < (lp_mu_d - lp_s_d).exp()
         n_acc = ok.long().cumprod(1).sum(1)  # leading accepts, [B]
-        mu_j = log_mu[rows, n_acc]  # [B, V] at the first rejected (or bonus) position
-        s_j = s_all[rows, n_acc]
+        s_j, t_j = s_all[rows, n_acc], t_all[rows, n_acc]
+        mu_j = blend_logprobs(s_j, t_j, beta[rows, n_acc])  # [B, V] at the first rejected (or bonus) position
         resid = (mu_j.exp() - s_j.exp()).clamp_min(0)
         bonus = n_acc == kr
         use_mu = bonus | (resid.sum(-1) <= 0)  # all accepted, or mu == pi_S up to rounding
@@ -433,7 +438,7 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         count = n_acc + 1  # tokens emitted this round, before EOS / length limits
         # 4. records of the emitted tokens (at most k + 1 per row)
         t_ent = _entropy(t_all)
-        lp = {"s": s_all, "t": t_all, "mu": log_mu}
+        lp = {"s": s_all, "t": t_all}
         pos = torch.arange(kr + 1, device=dev)[None, :]
         is_stop = (cand == stop.emit_id) & (pos < count[:, None])
         first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, count)
@@ -446,6 +451,10 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         tokens[r_idx, dst] = tok_sel
         for name, full in lp.items():
             out[name][r_idx, dst] = full[r_idx, p_idx].gather(-1, tok_sel[:, None])[:, 0].float()
+        # log mu of the emitted tokens: accepted drafts from blend_at, the last one from mu_j
+        cand_mu = torch.cat([lp_mu_d, torch.zeros_like(lp_mu_d[:, :1])], 1)
+        cand_mu = cand_mu.scatter(1, n_acc[:, None], mu_j.gather(-1, y[:, None]).float())
+        out["mu"][r_idx, dst] = cand_mu[r_idx, p_idx]
         out["beta"][r_idx, dst] = beta[r_idx, p_idx].float()
         out["kl"][r_idx, dst] = kl[r_idx, p_idx].float()
         out["ent"][r_idx, dst] = t_ent[r_idx, p_idx].float()
