@@ -79,6 +79,14 @@ def _smollm2():
     return student, teacher, tok
 
 
+RANDOM_PAIRS = {  # vocab, student and teacher (hidden, layers, heads, kv heads, ffn), dtype, description
+    "vocab32k": (32768, (64, 4, 4, 2, 256), (128, 4, 4, 2, 512), torch.float32,
+                 "random Qwen3 4x64 / 4x128, vocab 32,768"),
+    "gpu-0.6b-4b": (151936, (1024, 28, 16, 8, 3072), (2560, 36, 32, 8, 9728), torch.bfloat16,
+                    "random Qwen3-0.6B / Qwen3-4B shapes, bf16"),
+}
+
+
 def load_pair(name: str, device: torch.device):
     """(student, teacher, tokenizer, description)."""
     from trb.config import ModelConfig
@@ -88,23 +96,16 @@ def load_pair(name: str, device: torch.device):
         s, tok = load_model(ModelConfig(path="toy:student"), "student", device)
         t, _ = load_model(ModelConfig(path="toy:teacher"), "teacher", device)
         desc = "toy student 4x64 / teacher 4x128, vocab 260"
-    elif name == "vocab32k":
+    elif name in RANDOM_PAIRS:
         from trb.toy import build_tokenizer
 
         tok = build_tokenizer("<|endoftext|>")  # prompts use the first 260 ids; speed is what counts
-        s = _random_qwen3(32768, 64, 4, 4, 2, 256, torch.float32, 0)
-        t = _random_qwen3(32768, 128, 4, 4, 2, 512, torch.float32, 1)
-        desc = "random Qwen3 4x64 / 4x128, vocab 32,768"
+        (vocab, s_shape, t_shape, dtype, desc) = RANDOM_PAIRS[name]
+        s = _random_qwen3(vocab, *s_shape, dtype, 0)
+        t = _random_qwen3(vocab, *t_shape, dtype, 1)
     elif name == "smollm2":
         s, t, tok = _smollm2()
         desc = "SmolLM2-135M-Instruct teacher (30 layers) / every-4th-layer copy (8 layers), vocab 49,152"
-    elif name == "gpu-0.6b-4b":
-        from trb.toy import build_tokenizer
-
-        tok = build_tokenizer("<|endoftext|>")  # prompts use the first 260 ids; speed is what counts
-        s = _random_qwen3(151936, 1024, 28, 16, 8, 3072, torch.bfloat16, 0)
-        t = _random_qwen3(151936, 2560, 36, 32, 8, 9728, torch.bfloat16, 1)
-        desc = "random Qwen3-0.6B / Qwen3-4B shapes, bf16"
     else:
         raise ValueError(f"unknown pair {name!r}: toy, vocab32k, smollm2, gpu-0.6b-4b")
     return s.to(device).eval(), t.to(device).eval(), tok, desc

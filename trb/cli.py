@@ -118,55 +118,44 @@ def train_cmd(ctx: typer.Context) -> None:
     """Distil a student from a teacher under the trust-region behaviour policy (Hydra overrides;
     `trb train --help` lists the config groups)."""
 
+    from trb.config import TrainConfig
+    from trb.train import train
+
+    _hydra_command("train", ctx, TrainConfig, train)
+
+
+def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
+    """Compose conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
+    output_dir overrides Hydra's run dir, and a sweep's runs share one W&B group."""
+
     def task(cfg, run_dir: Path) -> None:
-        from trb.config import TrainConfig
-        from trb.train import train
+        typed = to_schema(cfg, schema)
+        if typed.output_dir:
+            run_dir = Path(typed.output_dir)
+        if typed.logger.group is None and _is_multirun():
+            typed.logger.group = Path(cfg_sweep_dir()).name
+        _run_user_task(lambda: entry(typed, run_dir, log=typer.echo))
 
-        tc = to_schema(cfg, TrainConfig)
-        if tc.output_dir:
-            run_dir = Path(tc.output_dir)
-        if tc.logger.group is None and _is_multirun():  # a sweep's runs share one W&B group
-            tc.logger.group = Path(cfg_sweep_dir()).name
-        _run_user_task(lambda: train(tc, run_dir, log=typer.echo))
-
-    run_hydra("train", list(ctx.args), task)
+    run_hydra(name, list(ctx.args), task)
 
 
 @app.command("eval", **HYDRA_ARGS)
 def eval_cmd(ctx: typer.Context) -> None:
     """Score checkpoints: pass@k / maj@k graded with math-verify (Hydra overrides; `trb eval --help`)."""
+    from trb.config import EvalConfig
+    from trb.eval_run import run_eval
 
-    def task(cfg, run_dir: Path) -> None:
-        from trb.config import EvalConfig
-        from trb.eval_run import run_eval
-
-        ec = to_schema(cfg, EvalConfig)
-        if ec.output_dir:
-            run_dir = Path(ec.output_dir)
-        if ec.logger.group is None and _is_multirun():
-            ec.logger.group = Path(cfg_sweep_dir()).name
-        _run_user_task(lambda: run_eval(ec, run_dir, log=typer.echo))
-
-    run_hydra("eval", list(ctx.args), task)
+    _hydra_command("eval", ctx, EvalConfig, run_eval)
 
 
 @app.command("rollout", **HYDRA_ARGS)
 def rollout_cmd(ctx: typer.Context) -> None:
     """Sample prompts under a method's behaviour policy without training: per-token records,
     an HTML view coloured by beta, diagnostics, a continuation-gain probe (`trb rollout --help`)."""
+    from trb.config import RolloutRunConfig
+    from trb.rollout_run import run_rollout
 
-    def task(cfg, run_dir: Path) -> None:
-        from trb.config import RolloutRunConfig
-        from trb.rollout_run import run_rollout
-
-        rc = to_schema(cfg, RolloutRunConfig)
-        if rc.output_dir:
-            run_dir = Path(rc.output_dir)
-        if rc.logger.group is None and _is_multirun():
-            rc.logger.group = Path(cfg_sweep_dir()).name
-        _run_user_task(lambda: run_rollout(rc, run_dir, log=typer.echo))
-
-    run_hydra("rollout", list(ctx.args), task)
+    _hydra_command("rollout", ctx, RolloutRunConfig, run_rollout)
 
 
 @app.command("report")
