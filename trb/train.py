@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True, disable=None)
     for step in bar:
         epoch, rows = next(batches)  # every method sees the same prompts at the same step
-        if step < len(sft_pool) and step < method.sft_updates:
+        if sft_pool and step < method.sft_updates:  # SFT phase; update k uses the samples of step k mod pool
             metrics = sft_step(cfg, student, opt, sft_pool[step % len(sft_pool)], stop, step)
         else:
             metrics = opd_step(cfg, student, teacher, tok, opt, rows, stop, grader, gen, device, step,
