@@ -124,7 +124,7 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str = "minmax") ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, g in summary.items():
+    for i, (label, g) in enumerate(summary.items()):
         if not g["curve"]:
             continue
         xs = [c["step"] for c in g["curve"]]
@@ -134,7 +134,7 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str = "minmax") ->
             hi = [c["mean"] + c["std"] for c in g["curve"]]
         else:
             lo, hi = [c["min"] for c in g["curve"]], [c["max"] for c in g["curve"]]
-        (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={len(g['seeds'])})")
+        (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={len(g['seeds'])})", color=f"C{i % 10}")
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("eval accuracy")
@@ -163,19 +163,18 @@ def plot_schedule(runs_by_label: dict[str, list[dict]], path: Path, early: int =
     import matplotlib.pyplot as plt
 
     keys = [("eps", "eps"), ("beta/mean", "mean beta*"), ("kl_mu_student/mean", "realised KL(mu || pi_S), mean")]
+    colour = {label: f"C{i % 10}" for i, label in enumerate(runs_by_label)}  # one colour per group everywhere
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (key, title) in zip(axes, keys):
         for label, runs in runs_by_label.items():
             series = early_series(runs, key, early)
-            if series and any(v != 0 for _, v in series):
-                ax.plot([s for s, _ in series], [v for _, v in series], label=label)
+            if series and any(v != 0 for _, v in series):  # groups that are 0 throughout are left out
+                ax.plot([s for s, _ in series], [v for _, v in series], label=label, color=colour[label])
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
-    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-            break
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
