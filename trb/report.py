@@ -199,11 +199,9 @@ def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summary)
     label_of = {p: label for label, g in summary.items() for p in g["runs"]}
-    runs_by_label: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        runs_by_label[label_of[r["path"]]].append(r)
+    runs_by_label = {label: [r for r in runs if label_of[r["path"]] == label] for label in summary}  # same order
     plot_accuracy(summary, out / "accuracy.png", band)
-    plot_schedule(dict(runs_by_label), out / "schedule.png", early)
+    plot_schedule(runs_by_label, out / "schedule.png", early)
     (out / "report.md").write_text(
         f"# trb report\n\n{len(runs)} runs from {', '.join(map(str, paths))}\n\n{table}\n\n"
         "Accuracy: the runs' periodic eval (`eval/accuracy`), aligned on the steps every run of a group "
