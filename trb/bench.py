@@ -154,6 +154,44 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (CPU: monotone)
 
 
+def copy_bandwidth(device, mb: int = 256) -> float:
+    """Measured device memory bandwidth in bytes/s: a large tensor copy reads and writes each byte."""
+    x = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / min(times)
+
+
+def _kv_bytes_per_token(model) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv * head_dim * next(model.parameters()).element_size()
+
+
+def bandwidth_bound_s(mode: str, student, teacher, batch: int, prompt_len: int, new_tokens: int,
+                      bandwidth: float) -> float | None:
+    """Seconds to decode `new_tokens` steps if each step only had to read the weights of the models
+    it runs plus their live KV caches once, at the measured copy bandwidth (per-token modes)."""
+    models = {"student": [student], "fast": [student], "generate": [student], "teacher": [teacher],
+              "blend": [student, teacher]}.get(mode)
+    if models is None:
+        return None
+    total = 0.0
+    for m in models:
+        w = sum(p.numel() * p.element_size() for p in m.parameters())
+        kv = _kv_bytes_per_token(m) * batch * (prompt_len + new_tokens / 2)  # mean live length
+        total += new_tokens * (w + kv)
+    return total / bandwidth
+
+
 def run_mode(mode: str, student, teacher, ids, mask, new_tokens: int, eps: float, device, seed: int = 0) -> dict:
     """One timed decode of `new_tokens` tokens per row; returns seconds and counters."""
     stop = StopSpec(stop_ids=[], emit_id=-1, pad_id=0)  # no stop event: fixed-length decoding
@@ -203,10 +241,12 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
     dev = pick_device(device)
     student, teacher, tok, desc = load_pair(pair, dev)
     rows = []
+    bandwidth = copy_bandwidth(dev)
+    log(f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     log(f"pair {pair}: {desc}; {new_tokens} new tokens, eps {eps}, device {dev}, {threads} thread(s), "
         f"{search} search {'compiled' if compile else 'eager'}")
     log(f"{'batch':>5} {'n':>2} {'mode':>9} {'dec tok/s':>10} {'slot tok/s':>10} {'prefill s':>9} "
-        f"{'search/step ms':>14} {'accept':>6} {'peak MB':>8}")
+        f"{'search/step ms':>14} {'accept':>6} {'peak MB':>8} {'% bw bound':>10}")
     for batch in batches:
         for n in ns:
             if n > batch:
@@ -237,15 +277,20 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
                                                                for r in rs),
                        "acceptance": statistics.fmean(r["acceptance"] for r in rs) if "acceptance" in r0 else None,
                        "peak_mb": peaks[mode]}
+                bound = bandwidth_bound_s(mode, student, teacher, batch, ids.shape[1], new_tokens, bandwidth)
+                row["bandwidth_bound_fraction"] = bound / (sec if mode == "generate" else dec) if bound else None
                 rows.append(row)
                 acc = f"{row['acceptance']:.3f}" if row["acceptance"] is not None else "-"
+                frac = f"{100 * row['bandwidth_bound_fraction']:.0f}%" if bound else "-"
                 log(f"{batch:>5} {n:>2} {mode:>9} {row['decode_tok_s']:>10.0f} {row['slot_tok_s']:>10.0f} "
-                    f"{row['prefill_s']:>9.4f} {row['search_ms_per_step']:>14.3f} {acc:>6} {row['peak_mb']:>8.0f}")
+                    f"{row['prefill_s']:>9.4f} {row['search_ms_per_step']:>14.3f} {acc:>6} {row['peak_mb']:>8.0f} "
+                    f"{frac:>10}")
     ratios = rollout_ratios(rows, eps)
     for k, v in ratios.items():
         log(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     return {"kind": "rollout", "pair": pair, "description": desc, "new_tokens": new_tokens, "eps": eps,
             "repeats": repeats, "device": str(dev), "threads": threads, "compiled_search": compile, "search": search,
+            "copy_bandwidth_gb_s": bandwidth / 1e9,
             "machine": machine(), "rows": rows,
             "ratios": ratios}
 
