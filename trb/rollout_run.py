@@ -183,23 +183,20 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
         graded = grader.grade(texts, [g if g is not None else "" for g in golds])
         correct = [bool(ok) and g is not None for ok, g in zip(graded, golds)]
         merged = Rollout(prompt_ids=torch.zeros(len(kept), 0, dtype=torch.long),
-                         prompt_mask=torch.zeros(len(kept), 0, dtype=torch.long), teacher_decoded=True,
-                         **{k: v for k, v in st.items()})
+                         prompt_mask=torch.zeros(len(kept), 0, dtype=torch.long), teacher_decoded=True, **st)
         support = sequence_support(merged).tolist()
         records = []
         index = {id(r): k for k, r in enumerate(rows)}
         for b, ((row, j), text) in enumerate(zip(kept, texts)):
             m = st["response_mask"][b]
             ids_b = st["tokens"][b][m].tolist()
-            rec = {"prompt_index": index[id(row)], "sample": j, "prompt": _prompt_text(tok, prompt_ids[b]),
+            rec = {"prompt_index": index[id(row)], "sample": j, "prompt": tok.decode(prompt_ids[b]),
                    "prompt_ids": prompt_ids[b], "completion": text, "token_ids": ids_b,
                    "token_text": [tok.decode([x]) for x in ids_b], "gold": row["gold"],
                    "extracted": extract_answer(text), "correct": correct[b], "stopped": bool(st["stopped"][b]),
                    "support_score": support[b]}
-            for name, key in (("student_logp", "student_logp"), ("teacher_logp", "teacher_logp"),
-                              ("behavior_logp", "behavior_logp"), ("beta", "beta"), ("kl", "kl"),
-                              ("teacher_entropy", "teacher_entropy")):
-                rec[name] = [float(x) for x in st[key][b][m].tolist()]
+            for name in ("student_logp", "teacher_logp", "behavior_logp", "beta", "kl", "teacher_entropy"):
+                rec[name] = [float(x) for x in st[name][b][m].tolist()]
             rec["replaced"] = [bool(x) for x in st["replaced"][b][m].tolist()]
             records.append(rec)
         summary = {"method": cfg.method.name, "step": cfg.step, "completions": len(records),
@@ -214,7 +211,7 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
             f.write(json.dumps(rec) + "\n")
     title = f"trb rollout: method={cfg.method.name}, step {cfg.step}, eps {eps:g}"
     write_html(out_dir / "rollouts.html", records, summary, title)
-    (out_dir / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **summary}, indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(_finite({"config": dataclasses.asdict(cfg), **summary}), indent=1))
 
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
     tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, cfg.step)
@@ -228,8 +225,15 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     return summary
 
 
-def _prompt_text(tok, ids: list[int]) -> str:
-    return tok.decode(ids, skip_special_tokens=False)
+def _finite(x):
+    """NaN / inf -> None, so summary.json is strict JSON (e.g. no reward without gold answers)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def print_summary(summary: dict, log=print) -> None:
