@@ -145,3 +145,18 @@ def test_paper_model_presets_fail_fast_offline(tmp_path):
     r = _cli(["train", "student=qwen3-0.6b-base", "teacher=qwen3-4b", f"hydra.run.dir={tmp_path / 'q'}"], cwd=tmp_path)
     assert r.returncode != 0 and "Qwen/Qwen3-0.6B-Base" in r.stderr and "student.path" in r.stderr
     assert "Traceback" not in r.stderr and time.time() - t0 < 60
+
+
+def test_speculative_rollouts_in_training(pair, tmp_path):
+    s, t = pair
+    run = tmp_path / "run"
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "blend.eps0=0.05", "blend.horizon=4",
+              "rollout.draft_k=3", f"hydra.run.dir={run}", *SMALL], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x for x in read_metrics(run) if "loss" in x]
+    for x in steps:
+        assert x["kl_mu_student/max"] <= x["eps"]
+        if x["eps"] > 0:  # speculative while the budget is positive, with its acceptance logged
+            assert 0 < x["spec/acceptance"] <= 1 and x["spec/pinsker_bound"] == pytest.approx(1 - (x["eps"] / 2) ** 0.5)
+        else:
+            assert "spec/acceptance" not in x
