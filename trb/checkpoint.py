@@ -22,8 +22,10 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer=None, extra: dict | None = None) -> Path:
-    """Write run_dir/checkpoints/step_{step:06d}/ and return it."""
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer=None, extra: dict | None = None,
+                    keep_last: int = 0) -> Path:
+    """Write run_dir/checkpoints/step_{step:06d}/ and return it; keep_last > 0 then deletes all
+    but the newest keep_last complete checkpoints."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -41,6 +43,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer=None, 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -51,3 +56,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     return sorted(p for p in root.iterdir()
                   if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """The trainer state saved next to a checkpoint's weights (optimizer, RNG states, step, ...)."""
+    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def restore_rng(state: dict) -> None:
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])

@@ -266,6 +266,8 @@ class TrainConfig:
     eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
     eval_decoding: DecodingConfig = field(default_factory=DecodingConfig)  # periodic eval decoding (greedy)
     save_every: int = 0  # checkpoint every N steps (0 = only the final one)
+    keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
+    resume: str = "auto"  # auto: continue from the run dir's last complete checkpoint | never | PATH (a checkpoint)
     seed: int = 0  # seeds data order, sampling and init
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads (1 is fastest on small models here)
@@ -276,6 +278,8 @@ class TrainConfig:
         _check(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
         _check(self.save_every >= 0, f"save_every must be >= 0; got {self.save_every}")
+        _check(self.keep_last >= 0, f"keep_last must be >= 0; got {self.keep_last}")
+        _check(bool(self.resume), "resume must be auto, never or a checkpoint path")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
         check_method_blend(self.method, self.blend)
 

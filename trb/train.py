@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from trb.blend import compile_search
-from trb.checkpoint import save_checkpoint
+from trb.checkpoint import list_checkpoints, load_trainer_state, restore_rng, save_checkpoint
 from trb.config import MethodConfig, TrainConfig
 from trb.data import load_rows, render
 from trb.evaluate import decode_completions, encode_prompts, evaluate
@@ -212,6 +213,61 @@ def opd_step(cfg: TrainConfig, student, teacher, tok, opt, rows, stop, grader, g
     }
 
 
+_RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device")
+
+
+def find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: resume=PATH, or (auto) the run dir's last complete one.
+
+    A run dir whose train_config.json describes a different run (other than resume / keep_last /
+    logger / output_dir / threads / device) is refused rather than mixed with this one."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume).expanduser()
+        if not (path / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"resume={cfg.resume!r} is not a trb checkpoint (no trainer_state.pt); give a "
+                                    f"run_dir/checkpoints/step_NNNNNN folder, resume=auto or resume=never")
+        return path
+    ckpts = [c for c in list_checkpoints(run_dir) if (c / "trainer_state.pt").exists()]
+    if not ckpts:
+        return None
+    saved_path = run_dir / "train_config.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_IGNORED and saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"the run dir {run_dir} holds a different run (its train_config.json differs in: "
+                             f"{', '.join(diff)}); use another output_dir / hydra.run.dir, or resume=never to "
+                             f"overwrite it")
+    return ckpts[-1]
+
+
+def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
+    """Drop metrics.jsonl records written after the checkpoint at `step` (they are recomputed);
+    return the eval records kept. The eval at `step` itself was logged before that checkpoint was
+    saved, unless `step` is the final one (its eval runs after the loop)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    keep, evals = [], []
+    for line in path.read_text().splitlines():
+        if not line:
+            continue
+        rec = json.loads(line)
+        is_eval = "eval/accuracy" in rec
+        if (is_eval and (rec["step"] < step or (rec["step"] == step and not final))) or \
+                (not is_eval and rec["step"] < step):
+            keep.append(line)
+            if is_eval:
+                evals.append(rec)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+    return evals
+
+
 def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     """Run distillation; write metrics.jsonl, checkpoints and summary.json into run_dir.
 
@@ -223,7 +279,11 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
 
     if cfg.rollout.compile_search:
         compile_search(True)
-    student, tok = load_model(cfg.student, "student", device)
+    resume_from = find_resume(cfg, run_dir)
+    if resume_from is not None:  # the student's weights come from the checkpoint
+        student, tok = load_model(dataclasses.replace(cfg.student, path=str(resume_from)), "checkpoint", device)
+    else:
+        student, tok = load_model(cfg.student, "student", device)
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
     stop = check_pair(student, tok, teacher, t_tok)
@@ -235,13 +295,20 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
     schedule = cfg.blend.schedule()
+    start, skipped_long, evals = 0, 0, []  # evals: one record per eval run {"step": k, "eval/...": ...}
+    state = None
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        start, skipped_long = int(state["step"]), int(state.get("skipped_long", 0))
+        opt.load_state_dict(state["optimizer"])
+        evals = truncate_metrics(run_dir, start, final=start >= cfg.steps)
+        log(f"resuming from {resume_from} (step {start})")
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name)
     (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     grader = Grader(workers=1)
     batches = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
-    skipped_long = 0
-
-    evals: list[dict] = []  # one record per eval run: {"step": k, "eval/...": ...}
+    for _ in range(start):  # the data order continues where the checkpoint left it
+        next(batches)
 
     def run_eval(step: int) -> None:
         t0 = time.time()
@@ -254,14 +321,19 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
 
     method = cfg.method
     sft_pool = build_sft_pool(cfg, student, teacher, tok, train_rows, stop, gen, device, log) \
-        if method.name == "sft_warmup" and method.sft_updates > 0 else []
+        if method.name == "sft_warmup" and start < method.sft_updates else []
     veto = method.veto_schedule() if method.name == "veto" else None
 
-    run_eval(0)
+    if state is not None:  # after every deterministic rebuild above: the RNG streams as saved
+        restore_rng(state)
+        gen.set_state(state["gen"])
+    else:
+        run_eval(0)
     t_start = time.time()
     from tqdm import tqdm
 
-    bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(range(start, cfg.steps), desc="train", dynamic_ncols=True, disable=None, initial=start,
+               total=cfg.steps)
     for step in bar:
         epoch, rows = next(batches)  # every method sees the same prompts at the same step
         if sft_pool and step < method.sft_updates:  # SFT phase; update k uses the samples of step k mod pool
@@ -281,12 +353,14 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             run_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            save_checkpoint(run_dir, done, student, tok, opt, {"eps": metrics["eps"]})
+            save_checkpoint(run_dir, done, student, tok, opt, {"eps": metrics["eps"], "gen": gen.get_state(),
+                                                               "skipped_long": skipped_long}, cfg.keep_last)
 
     bar.close()
     if cfg.steps:
         run_eval(cfg.steps)
-    ckpt = save_checkpoint(run_dir, cfg.steps, student, tok, opt, {"eps": schedule(cfg.steps)})
+    ckpt = save_checkpoint(run_dir, cfg.steps, student, tok, opt, {"eps": schedule(cfg.steps), "gen": gen.get_state(),
+                                                                   "skipped_long": skipped_long}, cfg.keep_last)
     tracker.log_artifact(ckpt, f"student-{run_dir.name}")
     summary = {
         "run_dir": str(run_dir),
@@ -295,6 +369,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         "checkpoint": str(ckpt),
         "steps": cfg.steps,
         "train_seconds": time.time() - t_start,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
         "accuracy_before": evals[0]["eval/accuracy"] if evals else None,
         "accuracy_after": evals[-1]["eval/accuracy"] if evals else None,
         "eval": evals,
