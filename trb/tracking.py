@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import warnings
 from pathlib import Path
 
@@ -22,6 +24,11 @@ def _wandb_mode(cfg: LoggerConfig) -> str:
     return "online" if has_key else "offline"
 
 
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 class Tracker:
     """log(metrics, step) to metrics.jsonl and W&B; finish() closes both."""
 
@@ -35,10 +42,15 @@ class Tracker:
             if mode != "disabled":
                 import wandb
 
+                # one W&B run per run dir: a resumed run continues the same W&B run id
+                id_file = Path(run_dir) / "wandb_run_id"
+                run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
                 try:
                     self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,
                                           job_type=cfg.job_type, tags=list(cfg.tags), config=config, name=name,
-                                          dir=str(run_dir), mode=mode, reinit="finish_previous")
+                                          dir=str(run_dir), mode=mode, reinit="finish_previous", id=run_id,
+                                          resume="allow")
+                    id_file.write_text(run_id)
                 except Exception as err:  # noqa: BLE001 - tracking must not kill a run
                     warnings.warn(f"W&B init failed ({err}); continuing with metrics.jsonl only", stacklevel=2)
                     self.run = None
