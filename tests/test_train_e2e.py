@@ -160,3 +160,25 @@ def test_speculative_rollouts_in_training(pair, tmp_path):
             assert 0 < x["spec/acceptance"] <= 1 and x["spec/pinsker_bound"] == pytest.approx(1 - (x["eps"] / 2) ** 0.5)
         else:
             assert "spec/acceptance" not in x
+
+
+def test_topk_larger_than_vocab_is_refused(pair, tmp_path):
+    s, t = pair
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "loss.k=100000", f"hydra.run.dir={tmp_path / 'k'}"],
+             cwd=tmp_path)
+    assert r.returncode == 2 and "loss.k=100000 exceeds the vocabulary size" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "k" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_with_the_step(pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s, t = pair
+    bad = AutoModelForCausalLM.from_pretrained(t)
+    with torch.no_grad():
+        bad.lm_head.weight.fill_(float("nan"))
+    bad.save_pretrained(tmp_path / "nan_teacher")
+    AutoTokenizer.from_pretrained(t).save_pretrained(tmp_path / "nan_teacher")
+    r = _cli(["train", f"student.path={s}", f"teacher.path={tmp_path / 'nan_teacher'}", "method=opd",
+              f"hydra.run.dir={tmp_path / 'n'}", *SMALL], cwd=tmp_path)
+    assert r.returncode == 2 and "non-finite loss at step 0" in r.stderr and "Traceback" not in r.stderr

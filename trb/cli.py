@@ -243,7 +243,7 @@ def _run_user_task(fn) -> None:
 
     try:
         fn()
-    except (ModelLoadError, DatasetError, FileNotFoundError, ValueError) as err:
+    except (ModelLoadError, DatasetError, FileNotFoundError, ValueError, FloatingPointError) as err:
         raise UserError(str(err)) from None
 
 

@@ -103,7 +103,8 @@ def set_lr(cfg: TrainConfig, opt, step: int) -> None:
 
 def _update(cfg: TrainConfig, student, opt, loss: torch.Tensor, step: int) -> float:
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is kept")
+        raise FloatingPointError(f"non-finite loss at step {step}: training stopped; the checkpoints written so far "
+                                 f"are intact (lower optim.lr, check the models' dtypes, or resume from the last one)")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -287,6 +288,12 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
     stop = check_pair(student, tok, teacher, t_tok)
+    vocab = student.config.vocab_size
+    if cfg.loss.estimator == "topk" and cfg.loss.k > vocab:
+        raise ValueError(f"loss.k={cfg.loss.k} exceeds the vocabulary size {vocab}; use loss.k <= {vocab} "
+                         f"(or loss=full for the exact KL)")
+    if cfg.method.name == "skd" and cfg.method.skd_top_k > vocab:
+        raise ValueError(f"method.skd_top_k={cfg.method.skd_top_k} exceeds the vocabulary size {vocab}")
     train_rows = load_rows(cfg.dataset, cfg.seed, role="train")
     eval_rows = load_rows(cfg.eval_dataset or cfg.dataset, cfg.seed, role="eval")
     log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}, "
