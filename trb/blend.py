@@ -211,8 +211,7 @@ def _blend_stats(s: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> tuple[
     normaliser and realised KL without keeping log mu. [..., V] (float64) -> [...], [...]."""
     z = _mix(s, t, beta)
     log_z = torch.logsumexp(z, dim=-1, keepdim=True)
-    log_mu = z - log_z
-    return log_z[..., 0], safe_prod(log_mu.exp(), log_mu - s).sum(-1)
+    return log_z[..., 0], kl_divergence(z - log_z, s)
 
 
 _KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at, "blend_stats": _blend_stats, "method": "newton"}

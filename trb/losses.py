@@ -177,17 +177,22 @@ def chunked_distill_loss(
 
     total = student_hidden.new_zeros((), dtype=torch.float32)
     total_value = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        tok = tokens[sl] if tokens is not None else None
-        blp = behavior_logprobs[sl] if behavior_logprobs is not None else None
-        if torch.is_grad_enabled() and student_hidden.requires_grad and n > chunk_size:
-            sur, val = checkpoint(chunk_terms, student_hidden[sl], teacher_hidden[sl], tok, blp, use_reentrant=False)
-        else:
-            sur, val = chunk_terms(student_hidden[sl], teacher_hidden[sl], tok, blp)
+    for sur, val in _over_chunks(chunk_terms, chunk_size, student_hidden, teacher_hidden, tokens, behavior_logprobs):
         total = total + sur
         total_value = total_value + val.detach()
     return total / n, total_value / n
+
+
+def _over_chunks(fn, chunk_size: int, hidden: torch.Tensor, *others):
+    """fn(hidden[chunk], *others[chunk]) for each chunk of rows (None passes through), under
+    activation checkpointing when gradients flow and there is more than one chunk, so only one
+    chunk's [chunk, V] logits are alive at a time. Yields fn's results."""
+    n = hidden.shape[0]
+    ckpt = torch.is_grad_enabled() and hidden.requires_grad and n > chunk_size
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (hidden[sl], *(x[sl] if x is not None else None for x in others))
+        yield checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
 
 
 def chunked_nll_loss(
@@ -213,10 +218,6 @@ def chunked_nll_loss(
         return -s.gather(-1, tok[:, None]).sum()
 
     total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and student_hidden.requires_grad and n > chunk_size:
-            total = total + checkpoint(chunk_nll, student_hidden[sl], tokens[sl], use_reentrant=False)
-        else:
-            total = total + chunk_nll(student_hidden[sl], tokens[sl])
+    for part in _over_chunks(chunk_nll, chunk_size, student_hidden, tokens):
+        total = total + part
     return total / n

@@ -125,9 +125,9 @@ def build_sft_pool(cfg: TrainConfig, student, teacher, tok, train_rows, stop, ge
         rows, ids, mask, _ = encode_batch(tok, rows, cfg.prompt, cfg.rollout.max_prompt_tokens, device)
         if not rows:
             continue
-        ids, mask = ids.repeat_interleave(m.sft_samples, 0), mask.repeat_interleave(m.sft_samples, 0)
         ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens,
-                     sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=stop, generator=gen)
+                     sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=stop, generator=gen,
+                     n=m.sft_samples)
         seq, smask = ro.sequences()
         pool.append((seq, smask, ids.shape[1], ro.response_mask))
     n_seq = sum(p[0].shape[0] for p in pool)
