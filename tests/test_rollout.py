@@ -88,11 +88,11 @@ def test_large_eps_samples_from_the_teacher():
     assert (ro.beta == 1).all()
     assert torch.allclose(ro.behavior_logp, ro.teacher_logp)
     # empirical first-token distribution vs the teacher's
-    from trb.rollout import _Stepper, _logprobs
+    from trb.rollout import _CachedModel, _logprobs
 
-    t = _logprobs(_Stepper(teacher, ids, mask).logits, _stop(student, tok, teacher))[0].exp()
+    t = _logprobs(_CachedModel(teacher, ids, mask).logits, _stop(student, tok, teacher))[0].exp()
     freq = torch.bincount(ro.tokens[:, 0], minlength=t.shape[0]).float() / n
-    s = _logprobs(_Stepper(student, ids, mask).logits, _stop(student, tok, teacher))[0].exp()
+    s = _logprobs(_CachedModel(student, ids, mask).logits, _stop(student, tok, teacher))[0].exp()
     tv = 0.5 * (freq - t).abs().sum()
     assert tv < 0.05, tv
     assert 0.5 * (freq - s).abs().sum() > 0.3  # and the student would have been distinguishable

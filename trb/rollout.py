@@ -116,33 +116,48 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class _Stepper:
-    """One model's incremental decoding state (cache + running positions)."""
+class _CachedModel:
+    """One model's incremental decoding state: a KV cache, its attention mask and per-row
+    positions counting valid tokens only (left padding, and in speculative sampling rejected
+    draft slots that stay in the cache masked out of attention). `logits` holds the next-token
+    logits after the last call."""
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeat: int = 1):
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, repeat: int = 1):
         self.model = model
         self.key = _cache_kwarg(model)
-        self.mask = prompt_mask.long()
-        positions = positions_from_mask(self.mask)
-        self.pos = positions[:, -1:]
         self.cache = DynamicCache(config=model.config)
-        self._forward(prompt_ids, positions)  # prefill, once per distinct prompt
-        if repeat > 1:  # prefix sharing: replicate the prompt caches for the n samples
-            self.cache.batch_repeat_interleave(repeat)
-            self.mask = self.mask.repeat_interleave(repeat, 0)
-            self.pos = self.pos.repeat_interleave(repeat, 0)
-            self.logits = self.logits.repeat_interleave(repeat, 0)
+        self.mask = mask.long()
+        self.logits = None
+        if ids.shape[1]:  # prefill, once per distinct prompt
+            self.logits = self._run(ids, positions_from_mask(self.mask), logits_to_keep=1)[:, -1]
+            if repeat > 1:  # prefix sharing: replicate the prompt caches for the n samples
+                self.cache.batch_repeat_interleave(repeat)
+                self.logits = self.logits.repeat_interleave(repeat, 0)
+        self.mask = self.mask.repeat_interleave(repeat, 0)
+        self.length = self.mask.sum(1)  # [B] valid tokens so far = position of the next token
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.pos = self.pos + 1
-        self._forward(tokens[:, None], self.pos)
-
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
-        out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=1, **{self.key: self.cache})
+    def _run(self, ids, positions, logits_to_keep):
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=logits_to_keep, **{self.key: self.cache})
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        self.logits = out.logits[:, -1]
+        return out.logits
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [B, n] (all valid); returns logits [B, n, V] after each of them."""
+        n = tokens.shape[1]
+        positions = self.length[:, None] + torch.arange(n, device=tokens.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        self.length = self.length + n
+        logits = self._run(tokens, positions, logits_to_keep=n)
+        self.logits = logits[:, -1]
+        return logits
+
+    def drop_last(self, keep: torch.Tensor, n: int) -> None:
+        """Of the last n slots, keep the first keep[b] of row b; mask out the rest."""
+        idx = torch.arange(n, device=keep.device)
+        dead = idx[None, :] >= keep[:, None]
+        self.mask[:, -n:] = self.mask[:, -n:].masked_fill(dead, 0)
+        self.length = self.length - dead.sum(1)
 
 
 class _Clock:
@@ -209,8 +224,8 @@ def rollout(
                                    timings=timings, n=n)
     dev = prompt_ids.device
     clock = _Clock(timings, dev)
-    s_step = _Stepper(student, prompt_ids, prompt_mask, repeat=n)
-    t_step = _Stepper(teacher, prompt_ids, prompt_mask, repeat=n) if sampler.needs_teacher else None
+    s_step = _CachedModel(student, prompt_ids, prompt_mask, repeat=n)
+    t_step = _CachedModel(teacher, prompt_ids, prompt_mask, repeat=n) if sampler.needs_teacher else None
     if n > 1:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
     b = prompt_ids.shape[0]
@@ -258,9 +273,9 @@ def rollout(
         clock.count("steps")
         if bool(done.all()):
             break
-        s_step.advance(tok)
+        s_step.extend(tok[:, None])
         if t_step is not None:
-            t_step.advance(tok)
+            t_step.extend(tok[:, None])
 
     st = {k: torch.stack(v, dim=1) for k, v in cols.items()}
     mask = st["live"]
@@ -326,44 +341,6 @@ def teacher_scores(teacher, ro: Rollout, stop: StopSpec) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class _SlotModel:
-    """A model on a KV cache whose slots may be invalidated per row (rejected draft tokens stay
-    in the cache, masked out of attention); positions count valid tokens only."""
-
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, repeat: int = 1):
-        self.model = model
-        self.key = _cache_kwarg(model)
-        self.cache = DynamicCache(config=model.config)
-        self.mask = mask.long()
-        if ids.shape[1]:
-            self._run(ids, positions_from_mask(self.mask), logits_to_keep=1)
-            if repeat > 1:  # prefix sharing: one prefill per distinct prompt
-                self.cache.batch_repeat_interleave(repeat)
-        self.mask = self.mask.repeat_interleave(repeat, 0)
-        self.length = self.mask.sum(1)  # [B] valid tokens so far = position of the next token
-
-    def _run(self, ids, positions, logits_to_keep):
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=logits_to_keep, **{self.key: self.cache})
-        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        return out.logits
-
-    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens [B, n] (all valid); returns logits [B, n, V] after each of them."""
-        n = tokens.shape[1]
-        positions = self.length[:, None] + torch.arange(n, device=tokens.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        self.length = self.length + n
-        return self._run(tokens, positions, logits_to_keep=n)
-
-    def drop_last(self, keep: torch.Tensor, n: int) -> None:
-        """Of the last n slots, keep the first keep[b] of row b; mask out the rest."""
-        idx = torch.arange(n, device=keep.device)
-        dead = idx[None, :] >= keep[:, None]
-        self.mask[:, -n:] = self.mask[:, -n:].masked_fill(dead, 0)
-        self.length = self.length - dead.sum(1)
-
-
 @torch.no_grad()
 def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                         max_new_tokens: int, eps: float, k: int, stop: StopSpec,
@@ -385,8 +362,8 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
     clock = _Clock(timings, dev)
     # prefill (once per distinct prompt, caches replicated n times): student on the whole prompt
     # (its next-token distribution), teacher one token behind
-    s_model = _SlotModel(student, prompt_ids[:, :-1], prompt_mask[:, :-1], repeat=n)
-    t_model = _SlotModel(teacher, prompt_ids[:, :-1], prompt_mask[:, :-1], repeat=n)
+    s_model = _CachedModel(student, prompt_ids[:, :-1], prompt_mask[:, :-1], repeat=n)
+    t_model = _CachedModel(teacher, prompt_ids[:, :-1], prompt_mask[:, :-1], repeat=n)
     if n > 1:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
     b = prompt_ids.shape[0]
