@@ -383,11 +383,32 @@ def canonicalize_eos(logprobs: torch.Tensor, stop_ids: list[int], canonical_id: 
     return out.index_copy(-1, ids[:1], stop_mass.unsqueeze(-1))
 
 
-def sample_from_logprobs(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+class RowSlice:
+    """A generator for rows `offset .. offset + B` of a batch of `total` rows: every draw of shape
+    [B, ...] takes the uniforms of the whole [total, ...] batch from `generator` and keeps this
+    slice, so a row's noise does not depend on how the batch is split (data-parallel ranks draw
+    the same samples as one process running the global batch)."""
+
+    def __init__(self, generator: torch.Generator, offset: int, total: int):
+        self.generator, self.offset, self.total = generator, offset, total
+
+    def rand(self, shape, device) -> torch.Tensor:
+        full = torch.rand((self.total, *shape[1:]), generator=self.generator, device=device, dtype=torch.float32)
+        return full[self.offset : self.offset + shape[0]]
+
+
+def uniform(shape, generator: torch.Generator | RowSlice | None, device) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of `shape` from `generator` (a torch.Generator or a RowSlice)."""
+    if isinstance(generator, RowSlice):
+        return generator.rand(tuple(shape), device)
+    return torch.rand(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+
+def sample_from_logprobs(logprobs: torch.Tensor, generator: torch.Generator | RowSlice | None = None) -> torch.Tensor:
     """Gumbel-max sample from each row of [..., V] log-probabilities -> [...] int64.
 
     Draws its uniforms from `generator` (on the tensor's device) so runs are reproducible.
     """
-    u = torch.rand(logprobs.shape, generator=generator, device=logprobs.device, dtype=torch.float32)
+    u = uniform(logprobs.shape, generator, logprobs.device)
     gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
     return (_as_work(logprobs) + gumbel.to(_as_work(logprobs).dtype)).argmax(-1)

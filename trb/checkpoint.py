@@ -22,10 +22,13 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer=None, extra: dict | None = None,
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict | None = None,
+                    extra: dict | None = None, keep_last: int = 0) -> Path:
     """Write run_dir/checkpoints/step_{step:06d}/ and return it; keep_last > 0 then deletes all
-    but the newest keep_last complete checkpoints."""
+    but the newest keep_last complete checkpoints.
+
+    optimizer_state: the full optimizer state keyed by parameter names
+    (trb.distributed.optimizer_state), so a run can resume with another number of processes."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -34,7 +37,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer=None, 
     tokenizer.save_pretrained(tmp)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         **(extra or {}),
     }

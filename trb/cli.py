@@ -90,14 +90,32 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
             failures.append(str(err))
             typer.echo(f"error: {err}", err=True)
 
+    from trb import distributed
+
+    if distributed.launched():  # under torchrun: one run dir for all ranks, written by rank 0
+        _join_ranks()
+        if distributed.current().rank != 0:
+            args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     argv = sys.argv
     sys.argv = [f"trb {config_name}", *args]
     try:
         _entry()
     finally:
         sys.argv = argv
+        distributed.finish()
     if failures:
         raise typer.Exit(code=2)
+
+
+def _join_ranks() -> None:
+    """torchrun: join the process group before Hydra composes; TRB_RUN_STAMP (rank 0's clock) names
+    the run / sweep dir in conf/train.yaml, so every rank uses the same folder."""
+    import torch
+
+    from trb import distributed
+
+    distributed.init("auto" if torch.cuda.is_available() else "cpu")
+    os.environ["TRB_RUN_STAMP"] = distributed.shared_now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _is_multirun() -> bool:
@@ -127,6 +145,13 @@ def train_cmd(ctx: typer.Context) -> None:
 def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
     """Compose conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
     output_dir overrides Hydra's run dir, and a sweep's runs share one W&B group."""
+
+    from trb import distributed
+
+    if distributed.launched() and name != "train":
+        typer.echo(f"error: trb {name} runs in one process: launch it without torchrun (only trb train is "
+                   f"data-parallel)", err=True)
+        raise typer.Exit(code=2)
 
     def task(cfg, run_dir: Path) -> None:
         typed = to_schema(cfg, schema)

@@ -170,7 +170,8 @@ class RolloutConfig:
     n: int = 4  # samples per prompt
     max_new_tokens: int = 48  # response length cap
     temperature: float = 1.0  # rollout temperature (paper: 1.0)
-    max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
+    max_prompt_tokens: int = 256  # longer prompts are skipped or truncated (long_prompts), and counted
+    long_prompts: str = "skip"  # skip | truncate (keep the last max_prompt_tokens tokens, as TRL does)
     draft_k: int = 0  # speculative TRB sampling while eps > 0: student drafts k tokens per teacher pass (0 = off)
     compile_search: bool = False  # torch.compile the beta search's passes (~40 s once; pays on large vocabularies)
 
@@ -180,6 +181,8 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1; got {self.max_new_tokens}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0; got {self.temperature}")
         _check(self.max_prompt_tokens >= 1, f"rollout.max_prompt_tokens must be >= 1; got {self.max_prompt_tokens}")
+        _check(self.long_prompts in ("skip", "truncate"),
+               f"rollout.long_prompts must be skip or truncate; got {self.long_prompts!r}")
 
 
 @dataclass
@@ -327,7 +330,8 @@ class RolloutRunConfig:
     n: int = 4  # samples per prompt
     max_new_tokens: int = 48  # completion cap
     temperature: float = 1.0  # rollout temperature
-    max_prompt_tokens: int = 256  # longer prompts are skipped (and counted)
+    max_prompt_tokens: int = 256  # longer prompts are skipped or truncated (long_prompts), and counted
+    long_prompts: str = "skip"  # skip | truncate (keep the last max_prompt_tokens tokens, as TRL does)
     draft_k: int = 0  # speculative TRB sampling: student drafts k tokens per teacher pass (0 = per token)
     compile_search: bool = False  # torch.compile the beta search's passes (~40 s once)
     step: int = 0  # the training step whose eps / temperature / SKD setting is used

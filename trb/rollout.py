@@ -26,6 +26,7 @@ from trb.blend import (
     kl_divergence,
     safe_prod,
     sample_from_logprobs,
+    uniform,
     skd_behavior_logprobs,
     skd_sample,
     temperature_logprobs,
@@ -400,7 +401,7 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         lp_s_d = s_all[:, :kr].gather(-1, draft[..., None])[..., 0]
         lp_t_d = t_all[:, :kr].gather(-1, draft[..., None])[..., 0]
         lp_mu_d = blend_at(lp_s_d, lp_t_d, beta[:, :kr], log_z[:, :kr])
-        u = torch.rand((b, kr), generator=generator, device=dev)
+        u = uniform((b, kr), generator, dev)
         ok = u < (lp_mu_d - lp_s_d).exp()
         n_acc = ok.long().cumprod(1).sum(1)  # leading accepts, [B]
         s_j, t_j = s_all[rows, n_acc], t_all[rows, n_acc]

@@ -1,0 +1,161 @@
+"""Data-parallel training under torchrun: FSDP2 for the student, helpers for ranks.
+
+    torchrun --nproc_per_node 8 -m trb train experiment=paper_0.6b_4b
+
+Layout (one process per device; gloo on CPU, NCCL on GPUs, same code):
+  - the student is sharded with FSDP2: `fully_shard` on every decoder layer, then on the module
+    that computes the loss (embeddings, final norm and LM head form the root group); parameters,
+    gradients and AdamW state live as shards;
+  - every rank also keeps a full, frozen copy of the student (the *rollout copy*) that samples
+    rollouts and runs eval without collectives, so ranks can finish decoding at different
+    lengths; it is refreshed from the shards after every update (one all-gather per step) and is
+    what checkpoints save (the full state in HF format);
+  - the teacher is replicated (it runs once per token while eps > 0, which a sharded teacher could
+    only do with every rank decoding in lockstep);
+  - each step's global prompt batch is split into contiguous per-rank slices; the sampling noise
+    of every row is drawn for the whole global batch from a per-step seed (`RowSlice`), so a row's
+    tokens do not depend on how many ranks share the batch;
+  - each rank's token-mean loss is rescaled by (its tokens x world / global tokens), so the
+    gradient FSDP averages is the global token-mean gradient;
+  - metrics are gathered and logged on rank 0 only, which also writes metrics.jsonl, W&B and
+    checkpoints; eval problems are split across ranks and their graded samples gathered.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def slice(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [start, stop) of n items (n divisible by size)."""
+        per = n // self.size
+        return self.rank * per, (self.rank + 1) * per
+
+
+def launched() -> bool:
+    """True in a process started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "auto") -> World:
+    """Join the process group torchrun describes (no-op for a single process); returns this rank."""
+    if not launched():
+        return World()
+    if not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def current() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World()
+
+
+def finish() -> None:
+    """Leave the process group: barrier first (without it about one run in seven aborts at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shared_now() -> datetime:
+    """Rank 0's clock, so every rank resolves Hydra's ${now:...} run dir to the same folder."""
+    now = [datetime.now()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(now, src=0)
+    return now[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` on every rank (pickled; for metrics and eval samples)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_min(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard with FSDP2")
+    return list(layers)
+
+
+def shard(objective: torch.nn.Module, student: torch.nn.Module) -> None:
+    """FSDP2: fully_shard every decoder layer of `student`, then `objective` (the root that holds it)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(student):
+        fully_shard(layer)
+    fully_shard(objective)
+
+
+@torch.no_grad()
+def copy_full_params(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst's parameters <- src's (all-gathering FSDP2 shards; every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        dst_params[name].copy_(full)
+
+
+def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The full optimizer state keyed by parameter names (collective; world-size independent)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state` (every rank holds the full state and keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
