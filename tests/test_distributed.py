@@ -103,3 +103,43 @@ def test_only_train_runs_under_torchrun(tmp_path):
     res = _run(["eval"], tmp_path, procs=2, timeout=120)
     assert res.returncode != 0
     assert "trb eval runs in one process" in res.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_slurm_tasks_run_as_ranks(tmp_path):
+    """What srun (or Hydra's submitit launcher with tasks_per_node=2) starts: two plain `trb train`
+    processes told their rank by SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID."""
+    port = str(_free_port())
+    out = tmp_path / "slurm"
+    args = ["train", "steps=1", "prompts_per_step=4", "rollout.n=2", "eval_every=0", "logger.kind=none",
+            f"output_dir={out}"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WANDB_MODE": "disabled", "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
+               "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "trb", *args], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and len(set(summary["replica_sha256"])) == 1
+    assert "x 2 processes (FSDP2)" in outs[0][0] and outs[1][0] == ""  # rank 1 prints nothing
+
+
+def test_slurm_tasks_without_master_addr_get_a_message(tmp_path):
+    env = {**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "WANDB_MODE": "disabled"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    res = subprocess.run([sys.executable, "-m", "trb", "train", "steps=1", f"output_dir={tmp_path / 'r'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "needs MASTER_ADDR and MASTER_PORT" in res.stderr and "Traceback" not in res.stderr

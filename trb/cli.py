@@ -92,19 +92,33 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
 
     from trb import distributed
 
-    if distributed.launched():  # under torchrun: one run dir for all ranks, written by rank 0
+    if _launched():  # under torchrun: one run dir for all ranks, written by rank 0
         _join_ranks()
         if distributed.current().rank != 0:
             args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     argv = sys.argv
     sys.argv = [f"trb {config_name}", *args]
+    ok = False
     try:
         _entry()
+        ok = not failures
     finally:
         sys.argv = argv
-        distributed.finish()
+        distributed.finish(barrier=ok)
     if failures:
         raise typer.Exit(code=2)
+
+
+def _launched() -> bool:
+    """Whether this process is one of several ranks (torchrun or Slurm tasks); a Slurm job that
+    lacks the rendezvous address ends with a message."""
+    from trb import distributed
+
+    try:
+        return distributed.launched()
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _join_ranks() -> None:
@@ -146,9 +160,7 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
     """Compose conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
     output_dir overrides Hydra's run dir, and a sweep's runs share one W&B group."""
 
-    from trb import distributed
-
-    if distributed.launched() and name != "train":
+    if _launched() and name != "train":
         typer.echo(f"error: trb {name} runs in one process: launch it without torchrun (only trb train is "
                    f"data-parallel)", err=True)
         raise typer.Exit(code=2)

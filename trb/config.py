@@ -217,9 +217,11 @@ class LoggerConfig:
     group: Optional[str] = None  # W&B group (sweeps set it to the sweep dir name)
     job_type: str = "train"  # W&B job type
     tags: list[str] = field(default_factory=list)  # W&B tags
+    init_timeout: int = 30  # seconds W&B may take to reach its server before the run logs offline instead
 
     def __post_init__(self) -> None:
         _check(self.kind in ("wandb", "none"), f"logger.kind must be wandb or none; got {self.kind!r}")
+        _check(self.init_timeout >= 1, f"logger.init_timeout must be >= 1 second; got {self.init_timeout}")
         _check(self.mode in ("auto", "online", "offline"), f"logger.mode must be auto, online or offline; "
                                                             f"got {self.mode!r}")
 

@@ -51,13 +51,28 @@ class World:
         return self.rank * per, (self.rank + 1) * per
 
 
+def _slurm_env() -> None:
+    """Slurm tasks (srun, or Hydra's submitit launcher with tasks_per_node > 1) as ranks: map
+    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID onto torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        raise ValueError("a Slurm job with several tasks runs data-parallel and needs MASTER_ADDR and MASTER_PORT: "
+                         "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) "
+                         "MASTER_PORT=29500 (or launch one task per node running torchrun)")
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
 def launched() -> bool:
-    """True in a process started by torchrun with more than one process."""
+    """True in a process that is one of several ranks (torchrun, or Slurm tasks)."""
+    _slurm_env()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init(device: str = "auto") -> World:
-    """Join the process group torchrun describes (no-op for a single process); returns this rank."""
+    """Join the process group torchrun (or Slurm) describes (no-op for a single process)."""
     if not launched():
         return World()
     if not dist.is_initialized():
@@ -74,10 +89,12 @@ def current() -> World:
     return World()
 
 
-def finish() -> None:
-    """Leave the process group: barrier first (without it about one run in seven aborts at exit)."""
+def finish(barrier: bool = True) -> None:
+    """Leave the process group: barrier first (without it about one run in seven aborts at exit;
+    barrier=False after an error, when the other ranks may never reach it)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

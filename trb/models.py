@@ -36,6 +36,10 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device):
     local = Path(path).exists()
     if not local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise ModelLoadError(f"{role}.path={path!r} does not exist; give a model folder or a hub id like Qwen/Qwen3-4B")
+    if local and Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise ModelLoadError(f"{role}.path={path!r} holds no .safetensors weights: trb loads safetensors only (pickled "
+                             f".bin / .pt weights can run code when loaded); convert the folder, e.g. load it "
+                             f"yourself and call save_pretrained(folder, safe_serialization=True)")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=not local or None,
                                             trust_remote_code=cfg.trust_remote_code)
@@ -43,6 +47,12 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device):
             path, dtype=_DTYPES[cfg.dtype], use_safetensors=True, local_files_only=True,
             trust_remote_code=cfg.trust_remote_code,
         )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ModelLoadError(f"{role} model {path!r} needs its own Python code (auto_map in its config), which trb "
+                             f"does not run unless you set {role}.trust_remote_code=true (only for code you trust)"
+                             ) from None
     except OSError as err:
         raise ModelLoadError(
             f"{role} model {path!r} is not a local folder and is not in the Hugging Face cache (trb never "

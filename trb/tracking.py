@@ -45,11 +45,24 @@ class Tracker:
                 # one W&B run per run dir: a resumed run continues the same W&B run id
                 id_file = Path(run_dir) / "wandb_run_id"
                 run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
+
+                def start(mode: str):
+                    return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,
+                                      job_type=cfg.job_type, tags=list(cfg.tags), config=config, name=name,
+                                      dir=str(run_dir), mode=mode, reinit="finish_previous", id=run_id,
+                                      resume="allow", settings=wandb.Settings(init_timeout=cfg.init_timeout))
+
                 try:
-                    self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,
-                                          job_type=cfg.job_type, tags=list(cfg.tags), config=config, name=name,
-                                          dir=str(run_dir), mode=mode, reinit="finish_previous", id=run_id,
-                                          resume="allow")
+                    try:
+                        self.run = start(mode)
+                    except Exception as err:  # noqa: BLE001 - an unreachable server must not kill a run
+                        if mode != "online":
+                            raise
+                        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        warnings.warn(f"W&B is unreachable ({why}); logging offline instead: upload later with "
+                                      f"`wandb sync {Path(run_dir) / 'wandb'}`", stacklevel=2)
+                        wandb.teardown()  # the failed online attempt still holds the run id in wandb's service
+                        self.run = start("offline")
                     id_file.write_text(run_id)
                 except Exception as err:  # noqa: BLE001 - tracking must not kill a run
                     warnings.warn(f"W&B init failed ({err}); continuing with metrics.jsonl only", stacklevel=2)

@@ -395,9 +395,21 @@ def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
 def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     """Run distillation; write metrics.jsonl, checkpoints and summary.json into run_dir.
 
-    Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: data-parallel,
-    the student sharded with FSDP2 (see trb.distributed); rank 0 logs and writes.
+    Under torchrun or Slurm tasks (WORLD_SIZE > 1) every rank runs this with the same arguments:
+    data-parallel, the student sharded with FSDP2 (see trb.distributed); rank 0 logs and writes.
     Returns the summary (also in summary.json) plus the trained model under "student"."""
+    own_group = distributed.launched() and not torch.distributed.is_initialized()
+    ok = False
+    try:
+        summary = _train(cfg, run_dir, log)
+        ok = True
+        return summary
+    finally:
+        if own_group:  # the process group was joined here (not by the CLI): leave it
+            distributed.finish(barrier=ok)
+
+
+def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
     world = distributed.init(cfg.device)
     if world.distributed:
         if cfg.prompts_per_step % world.size:
@@ -430,6 +442,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         raise ValueError(f"method.skd_top_k={cfg.method.skd_top_k} exceeds the vocabulary size {vocab}")
     train_rows = load_rows(cfg.dataset, cfg.seed, role="train")
     eval_rows = load_rows(cfg.eval_dataset or cfg.dataset, cfg.seed, role="eval")
+    render(tok, train_rows[0]["question"], cfg.prompt)  # a prompt format the tokenizer cannot render fails now,
+    # before anything is written into the run dir
     log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}"
         f"{f' x {world.size} processes (FSDP2)' if world.distributed else ''}, run dir {run_dir}")
 
