@@ -349,7 +349,8 @@ class RolloutRunConfig:
         _check(self.num_prompts >= 0, f"num_prompts must be >= 0; got {self.num_prompts}")
         _check(self.step >= 0, f"step must be >= 0; got {self.step}")
         _check(self.batch >= 1, f"batch must be >= 1; got {self.batch}")
-        RolloutConfig(self.n, self.max_new_tokens, self.temperature, self.max_prompt_tokens, self.draft_k)  # validates
+        RolloutConfig(n=self.n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                      max_prompt_tokens=self.max_prompt_tokens, draft_k=self.draft_k)  # validates
         check_method_blend(self.method, self.blend)
 
 

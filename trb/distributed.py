@@ -76,10 +76,10 @@ def init(device: str = "auto") -> World:
     if not launched():
         return World()
     if not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
+        if device != "cpu" and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # NCCL for CUDA tensors, gloo for CPU ones (device=cpu on a GPU machine, CPU-side reductions)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -126,14 +126,6 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_min(value: int, device: torch.device) -> int:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
