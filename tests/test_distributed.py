@@ -84,6 +84,16 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
     # only rank 0 wrote: one metrics record per step / eval
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 3 + 2
 
+    # the same with the teacher sharded too (every rank decodes in lockstep while the teacher runs)
+    r4 = _run(["train", *COMMON, f"output_dir={tmp_path / 'shard'}", "parallel.teacher=shard"], tmp_path, procs=2)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert "sharded teacher" in r4.stdout
+    s4 = json.loads((tmp_path / "shard" / "summary.json").read_text())
+    assert s2["teacher_params"]["rank0"] == s2["teacher_params"]["total"]  # replicated: all of it on rank 0
+    assert s4["teacher_params"]["rank0"] < 0.6 * s4["teacher_params"]["total"]  # sharded: about half (+ the LM head)
+    assert _max_diff(_weights(one, 3), _weights(tmp_path / "shard", 3)) < TOL
+    assert _evals(tmp_path / "shard") == _evals(one)
+
     # resume the 2-process run's step-2 checkpoint (full optimizer state keyed by names) in one process
     r3 = _run(["train", *COMMON, f"output_dir={resumed}", f"resume={two / 'checkpoints' / 'step_000002'}"], tmp_path)
     assert r3.returncode == 0, r3.stderr[-3000:]
@@ -132,7 +142,8 @@ def test_slurm_tasks_run_as_ranks(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and len(set(summary["replica_sha256"])) == 1
-    assert "x 2 processes (FSDP2)" in outs[0][0] and outs[1][0] == ""  # rank 1 prints nothing
+    assert "x 2 processes (FSDP2 student, replicated teacher)" in outs[0][0]
+    assert outs[1][0] == ""  # rank 1 prints nothing
 
 
 def test_slurm_tasks_without_master_addr_get_a_message(tmp_path):

@@ -252,6 +252,17 @@ class DecodingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Multi-process training (torchrun / Slurm tasks); ignored in one process."""
+
+    teacher: str = "replicate"  # replicate: a full teacher per rank | shard: FSDP2 shards, ranks decode in lockstep
+
+    def __post_init__(self) -> None:
+        _check(self.teacher in ("replicate", "shard"),
+               f"parallel.teacher must be replicate or shard; got {self.teacher!r}")
+
+
+@dataclass
 class TrainConfig:
     """`trb train`: on-policy distillation with a trust-region behaviour policy."""
 
@@ -266,6 +277,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     steps: int = 400  # optimiser steps (one rollout batch each)
     prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
     eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
@@ -287,6 +299,9 @@ class TrainConfig:
         _check(bool(self.resume), "resume must be auto, never or a checkpoint path")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
         check_method_blend(self.method, self.blend)
+        _check(self.parallel.teacher != "shard" or self.rollout.draft_k == 0,
+               "parallel.teacher=shard runs the per-token decoder in lockstep across ranks; speculative sampling "
+               "(rollout.draft_k > 0) needs parallel.teacher=replicate")
 
 
 def check_method_blend(method: MethodConfig, blend: BlendConfig) -> None:

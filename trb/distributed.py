@@ -10,8 +10,10 @@ Layout (one process per device; gloo on CPU, NCCL on GPUs, same code):
     rollouts and runs eval without collectives, so ranks can finish decoding at different
     lengths; it is refreshed from the shards after every update (one all-gather per step) and is
     what checkpoints save (the full state in HF format);
-  - the teacher is replicated (it runs once per token while eps > 0, which a sharded teacher could
-    only do with every rank decoding in lockstep);
+  - the teacher is replicated (parallel.teacher=replicate, the default) or sharded with FSDP2
+    (parallel.teacher=shard, when it does not fit on one device): then every teacher forward is a
+    collective, so while the teacher decodes (eps > 0, SKD, SFT samples) all ranks keep stepping
+    until every rank's rows are done;
   - each step's global prompt batch is split into contiguous per-rank slices; the sampling noise
     of every row is drawn for the whole global batch from a per-step seed (`RowSlice`), so a row's
     tokens do not depend on how many ranks share the batch;
@@ -143,6 +145,31 @@ def shard(objective: torch.nn.Module, student: torch.nn.Module) -> None:
     for layer in decoder_layers(student):
         fully_shard(layer)
     fully_shard(objective)
+
+
+def shard_frozen(model: torch.nn.Module) -> None:
+    """FSDP2 for the frozen teacher (parallel.teacher=shard): every decoder layer, then the body
+    (embeddings, final norm). The LM head stays whole on every rank (untied from the embeddings
+    first when tied) because trb applies it to hidden states outside the model's forward.
+    Every forward is then a collective: all ranks must run the same number of them."""
+    from torch.distributed.fsdp import fully_shard
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model.get_decoder() if hasattr(model, "get_decoder") else model.model)
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (a MIN all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ repeating rows, stop at the canonical EOS or `max_new_tokens`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import inspect
 import time
 from dataclasses import dataclass
@@ -208,6 +210,7 @@ def rollout(
     generator: torch.Generator | None = None,
     timings: dict | None = None,
     n: int = 1,
+    lockstep: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample n completions per row of the left-padded prompts under `sampler`.
 
@@ -215,7 +218,9 @@ def rollout(
     its KV cache replicated; the result has B * n rows, prompt i's samples at rows i*n .. i*n+n-1);
     teacher may be None when `sampler.needs_teacher` is False; timings: a dict that receives
     seconds of prefill and of the trust-region search, and the number of decoding steps
-    (benchmarks; it synchronises CUDA around the timed parts). Returns a `Rollout`.
+    (benchmarks; it synchronises CUDA around the timed parts); lockstep: for a teacher sharded
+    across ranks, called each step with "all my rows are done" and returning whether that holds on
+    every rank, so every rank runs the same number of teacher forwards. Returns a `Rollout`.
     """
     if sampler.needs_teacher and teacher is None:
         raise ValueError(f"sampler {sampler.kind!r} with eps={sampler.eps} needs a teacher model")
@@ -272,13 +277,18 @@ def rollout(
         cols["ent"].append(_entropy(t) if t is not None else nan)
         done = done | (tok == stop.emit_id)
         clock.count("steps")
-        if bool(done.all()):
+        finished = bool(done.all())
+        if lockstep is not None and t_step is not None:
+            finished = lockstep(finished)
+        if finished:
             break
         s_step.extend(tok[:, None])
         if t_step is not None:
             t_step.extend(tok[:, None])
 
     st = {k: torch.stack(v, dim=1) for k, v in cols.items()}
+    width = int(st["live"].any(0).nonzero().max()) + 1  # < steps when lockstep ran past this rank's rows
+    st = {k: v[:, :width] for k, v in st.items()}
     mask = st["live"]
     return Rollout(
         prompt_ids=prompt_ids,

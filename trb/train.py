@@ -167,6 +167,13 @@ class _Run:
             noise = RowSlice(self.gen, n * sum(counts[: self.world.rank]), n * sum(counts))
         return (rows, ids, mask, noise, sum(counts)), too_long
 
+    @property
+    def lockstep(self):
+        """For a sharded teacher: every rank keeps decoding until all ranks' rows are done."""
+        if self.world.distributed and self.cfg.parallel.teacher == "shard":
+            return lambda finished: distributed.all_true(finished, self.device)
+        return None
+
     def refresh_policy(self) -> None:
         if self.policy is not self.objective.student:
             distributed.copy_full_params(self.objective.student, self.policy)
@@ -210,7 +217,7 @@ def build_sft_pool(run: _Run, train_rows, log) -> list:
         rows, ids, mask, noise, _ = batch
         ro = rollout(run.policy, run.teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens,
                      sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=run.stop,
-                     generator=noise, n=m.sft_samples)
+                     generator=noise, n=m.sft_samples, lockstep=run.lockstep)
         seq, smask = ro.sequences()
         pool.append((seq, smask, ids.shape[1], ro.response_mask))
     n_seq = sum(distributed.gather(sum(p[0].shape[0] for p in pool)))
@@ -256,7 +263,7 @@ def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) 
     run.policy.eval()
     sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps, cfg.rollout.draft_k)
     ro = rollout(run.policy, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
-                 stop=stop, generator=noise, n=n)
+                 stop=stop, generator=noise, n=n, lockstep=run.lockstep)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     rewards = (run.grader.grade(decode_completions(run.tok, ro.tokens, ro.response_mask), golds)
@@ -337,7 +344,8 @@ def reduce_metrics(metrics: dict) -> dict:
     return out
 
 
-_RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device")
+_TEACHER_MODE = {"replicate": "replicated", "shard": "sharded"}
+_RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device", "parallel")
 
 
 def find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -444,8 +452,9 @@ def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
     eval_rows = load_rows(cfg.eval_dataset or cfg.dataset, cfg.seed, role="eval")
     render(tok, train_rows[0]["question"], cfg.prompt)  # a prompt format the tokenizer cannot render fails now,
     # before anything is written into the run dir
+    procs = f" x {world.size} processes (FSDP2 student, {_TEACHER_MODE[cfg.parallel.teacher]} teacher)"
     log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}"
-        f"{f' x {world.size} processes (FSDP2)' if world.distributed else ''}, run dir {run_dir}")
+        f"{procs if world.distributed else ''}, run dir {run_dir}")
 
     policy = student
     if world.distributed:  # the rollout copy samples and evaluates; the shards train
@@ -453,6 +462,8 @@ def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
     objective = StudentObjective(student)
     if world.distributed:
         distributed.shard(objective, student)
+        if cfg.parallel.teacher == "shard":
+            distributed.shard_frozen(teacher)
     opt = torch.optim.AdamW(objective.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
     schedule = cfg.blend.schedule()
@@ -546,6 +557,9 @@ def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
         "steps": cfg.steps,
         "processes": world.size,
         "replica_sha256": replicas,
+        "teacher_params": {"total": sum(p.numel() for p in teacher.parameters()),  # held by rank 0 (sharded: less)
+                           "rank0": sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                                        for p in teacher.parameters())},
         "train_seconds": time.time() - t_start,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "accuracy_before": evals[0]["eval/accuracy"] if evals else None,
