@@ -16,5 +16,10 @@ mkdir -p "$out"
 python3 -m trb bench rollout --pair "$pair" --device "$device" --batch "$batch" --n 1,4 \
   --modes student,teacher,blend,spec2,spec4,fast,generate --new-tokens 128 --repeats 2 \
   --out "$out/rollout_$pair.json"
+# static caches + one compiled (CUDA-graphed, mode=reduce-overhead) forward per model and shape,
+# against HF's own static-cache compiled generate
+python3 -m trb bench rollout --pair "$pair" --device "$device" --batch "$batch" --n 1 \
+  --modes student,teacher,blend,fast,generate --new-tokens 128 --repeats 2 --compile-step \
+  --out "$out/rollout_${pair}_compiled.json"
 python3 -m trb bench train --pair "$pair" --device "$device" --batch "$batch" --new-tokens 256 \
   --repeats 2 --out "$out/train_$pair.json"

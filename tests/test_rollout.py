@@ -150,3 +150,42 @@ def test_prefix_sharing_equals_repeated_prompts(kind, eps, k):
     m = rep.response_mask
     for name in ("student_logp", "behavior_logp", "beta", "kl"):
         torch.testing.assert_close(getattr(shared, name)[m], getattr(rep, name)[m], atol=1e-5, rtol=0)
+
+
+def _pair():
+    s, tok = tiny_model(scale=3.0)
+    t, ttok = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
+    return s, t, tok, check_pair(s, tok, t, ttok)
+
+
+def _same_rollouts(a, b, tol=1e-5):
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.response_mask, b.response_mask)
+    for name in ("student_logp", "teacher_logp", "behavior_logp", "beta", "kl", "teacher_entropy"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.allclose(x.nan_to_num(), y.nan_to_num(), atol=tol), name
+
+
+@pytest.mark.parametrize("kind, eps", [("student", 0.0), ("trb", 0.05), ("skd", 0.0), ("teacher", 0.0)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_static_caches_decode_like_dynamic_ones(kind, eps, n):
+    """Preallocated caches (a full-width mask, slots written in place) give the dynamic caches'
+    samples and records, with left padding and prefix sharing."""
+    s, t, tok, stop = _pair()
+    ids, mask = prompts(tok)
+    runs = [rollout(s, t, ids, mask, max_new_tokens=14, sampler=Sampler(kind, eps=eps), stop=stop,
+                    generator=torch.Generator().manual_seed(5), n=n, static_cache=static) for static in (False, True)]
+    _same_rollouts(*runs)
+
+
+@pytest.mark.slow
+def test_compiled_step_decodes_like_eager():
+    """rollout.compile_step: both models decode through torch.compile'd forwards (one graph per
+    shape) and produce the eager decoder's tokens and records."""
+    s, t, tok, stop = _pair()
+    ids, mask = prompts(tok)
+    runs = [rollout(s, t, ids, mask, max_new_tokens=10, sampler=Sampler("trb", eps=0.05), stop=stop,
+                    generator=torch.Generator().manual_seed(7), n=2, static_cache=True, compile_step=compiled)
+            for compiled in (False, True)]
+    _same_rollouts(*runs, tol=1e-4)
+    with pytest.raises(ValueError, match="compile_step needs static_cache"):
+        rollout(s, t, ids, mask, max_new_tokens=4, sampler=Sampler("student"), stop=stop, compile_step=True)

@@ -21,6 +21,7 @@ Modes: student (student alone), teacher (teacher alone), blend (per-token TRB, e
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from trb.rollout import Sampler, StopSpec, rollout
+from trb.rollout import Sampler, StopSpec
+from trb.rollout import rollout as _rollout
 
 MODES = ("student", "teacher", "blend", "spec2", "spec4", "spec8", "fast", "generate")
 
@@ -192,16 +194,27 @@ def bandwidth_bound_s(mode: str, student, teacher, batch: int, prompt_len: int, 
     return total / bandwidth
 
 
-def run_mode(mode: str, student, teacher, ids, mask, new_tokens: int, eps: float, device, seed: int = 0) -> dict:
-    """One timed decode of `new_tokens` tokens per row; returns seconds and counters."""
+def run_mode(mode: str, student, teacher, ids, mask, new_tokens: int, eps: float, device, seed: int = 0,
+             compile_step: bool = False) -> dict:
+    """One timed decode of `new_tokens` tokens per row; returns seconds and counters.
+    compile_step: the per-token modes decode with static caches through compiled forwards."""
     stop = StopSpec(stop_ids=[], emit_id=-1, pad_id=0)  # no stop event: fixed-length decoding
     gen = torch.Generator(device=device).manual_seed(seed)
     timings: dict = {}
+    rollout = functools.partial(_rollout, static_cache=compile_step, compile_step=compile_step)
     _sync(device)
     t0 = time.perf_counter()
     if mode == "generate":
+        extra = {}
+        if compile_step:  # like for like: HF's own static-cache, compiled-forward generation (any device)
+            from transformers import CompileConfig
+
+            cc = CompileConfig(dynamic=False)
+            cc._compile_all_devices = True
+            extra = {"cache_implementation": "static", "compile_config": cc}
         out = student.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+                               min_new_tokens=new_tokens, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0,
+                               **extra)
         _sync(device)
         return {"seconds": time.perf_counter() - t0, "tokens": int((out.shape[1] - ids.shape[1]) * ids.shape[0]),
                 "slots": int((out.shape[1] - ids.shape[1]) * ids.shape[0])}
@@ -230,7 +243,7 @@ def run_mode(mode: str, student, teacher, ids, mask, new_tokens: int, eps: float
 
 def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MODES, new_tokens: int = 64,
                   eps: float = 0.01, repeats: int = 3, device: str = "auto", threads: int = 1, compile: bool = False,
-                  search: str = "newton", log=print) -> dict:
+                  search: str = "newton", compile_step: bool = False, log=print) -> dict:
     """Every (batch, n, mode): median of `repeats` timed decodes after one warm-up."""
     from trb.blend import compile_search, set_search_method
     from trb.models import pick_device
@@ -244,7 +257,8 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
     bandwidth = copy_bandwidth(dev)
     log(f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     log(f"pair {pair}: {desc}; {new_tokens} new tokens, eps {eps}, device {dev}, {threads} thread(s), "
-        f"{search} search {'compiled' if compile else 'eager'}")
+        f"{search} search {'compiled' if compile else 'eager'}, "
+        f"{'static caches + compiled model steps' if compile_step else 'dynamic caches, eager model steps'}")
     log(f"{'batch':>5} {'n':>2} {'mode':>9} {'dec tok/s':>10} {'slot tok/s':>10} {'prefill s':>9} "
         f"{'search/step ms':>14} {'accept':>6} {'peak MB':>8} {'% bw bound':>10}")
     for batch in batches:
@@ -253,15 +267,17 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
                 continue
             ids, mask = bench_prompts(tok, batch, n, dev)
             with torch.no_grad():
-                for mode in modes:  # warm-up
-                    run_mode(mode, student, teacher, ids, mask, min(new_tokens, 8), eps, dev)
+                for mode in modes:  # warm-up (compiled steps: the timed shapes, so compiling is not timed)
+                    run_mode(mode, student, teacher, ids, mask, new_tokens if compile_step else min(new_tokens, 8),
+                             eps, dev, compile_step=compile_step)
                 # repeats interleave the modes, so a slow spell of a shared machine hits them all alike
                 runs: dict[str, list[dict]] = {m: [] for m in modes}
                 peaks: dict[str, float] = {}
                 for i in range(repeats):
                     for mode in modes:
                         _peak_reset(dev)
-                        runs[mode].append(run_mode(mode, student, teacher, ids, mask, new_tokens, eps, dev, seed=i))
+                        runs[mode].append(run_mode(mode, student, teacher, ids, mask, new_tokens, eps, dev, seed=i,
+                                                   compile_step=compile_step))
                         peaks[mode] = max(peaks.get(mode, 0.0), _peak_mb(dev))
                         gc.collect()
             for mode in modes:
@@ -290,6 +306,7 @@ def bench_rollout(pair: str = "toy", batches=(1, 8, 32, 64), ns=(1, 4), modes=MO
         log(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     return {"kind": "rollout", "pair": pair, "description": desc, "new_tokens": new_tokens, "eps": eps,
             "repeats": repeats, "device": str(dev), "threads": threads, "compiled_search": compile, "search": search,
+            "compile_step": compile_step,
             "copy_bandwidth_gb_s": bandwidth / 1e9,
             "machine": machine(), "rows": rows,
             "ratios": ratios}
@@ -427,7 +444,7 @@ def bench_train(pair: str = "vocab32k", batch: int = 16, prompt_len: int = 32, n
     def roll():
         ids, mask = bench_prompts(tok, batch, 4, dev)
         with torch.no_grad():
-            rollout(student, teacher, ids[::4], mask[::4], max_new_tokens=new_tokens, sampler=Sampler("trb", eps=0.01),
+            _rollout(student, teacher, ids[::4], mask[::4], max_new_tokens=new_tokens, sampler=Sampler("trb", eps=0.01),
                     stop=stop, generator=torch.Generator(device=dev).manual_seed(0), n=4)
 
     def timed(fn):

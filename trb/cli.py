@@ -236,6 +236,8 @@ def bench_rollout_cmd(
     threads: int = typer.Option(1, help="torch CPU threads."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the beta search (one-off ~40 s)."),
     search: str = typer.Option("newton", help="Beta search: newton (default) or bisect (the previous one)."),
+    compile_step: bool = typer.Option(False, "--compile-step", help="Per-token modes decode with static caches "
+                                      "through torch.compile'd forwards (rollout.compile_step)."),
     out: Path = typer.Option(None, help="JSON output (default benchmarks/results/rollout_PAIR_TIME.json)."),
 ) -> None:
     """Decode speed of every sampler: tokens/s, prefill, beta-search time, acceptance, peak memory."""
@@ -243,7 +245,7 @@ def bench_rollout_cmd(
 
     try:
         res = bench_rollout(pair, _ints(batch), _ints(n), [m for m in modes.split(",") if m], new_tokens, eps,
-                            repeats, device, threads, compile, search, log=typer.echo)
+                            repeats, device, threads, compile, search, compile_step=compile_step, log=typer.echo)
     except (RuntimeError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None

@@ -174,9 +174,13 @@ class RolloutConfig:
     long_prompts: str = "skip"  # skip | truncate (keep the last max_prompt_tokens tokens, as TRL does)
     draft_k: int = 0  # speculative TRB sampling while eps > 0: student drafts k tokens per teacher pass (0 = off)
     compile_search: bool = False  # torch.compile the beta search's passes (~40 s once; pays on large vocabularies)
+    static_cache: bool = False  # preallocated KV caches (fixed shapes per decoding step; per-token decoder)
+    compile_step: bool = False  # decode through torch.compile'd model forwards (needs static_cache; CUDA graphs on GPU)
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"rollout.n must be >= 1; got {self.n}")
+        _check(not self.compile_step or self.static_cache,
+               "rollout.compile_step=true needs rollout.static_cache=true (a compiled step needs fixed shapes)")
         _check(self.draft_k >= 0, f"rollout.draft_k must be >= 0; got {self.draft_k}")
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1; got {self.max_new_tokens}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0; got {self.temperature}")

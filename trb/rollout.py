@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import inspect
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from trb.blend import (
     blend_at,
@@ -119,29 +120,72 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, mode: str):
+    """One torch.compile'd forward per model, reused across rollouts."""
+    if model not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per (batch, cache capacity): allow more than dynamo's default of 8 before it
+        # silently falls back to eager
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        _COMPILED[model] = torch.compile(model.forward, mode=mode, dynamic=False)
+    return _COMPILED[model]
+
+
+def _repeat_cache(cache, repeat: int) -> None:
+    """Replicate every row of a KV cache `repeat` times in place (rows i*repeat .. i*repeat+repeat-1)."""
+    if isinstance(cache, StaticCache):
+        for layer in cache.layers:  # transformers' static layers have no batch_repeat_interleave
+            layer.keys = layer.keys.repeat_interleave(repeat, 0)
+            layer.values = layer.values.repeat_interleave(repeat, 0)
+            layer.batch_size = layer.keys.shape[0]
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+    else:
+        cache.batch_repeat_interleave(repeat)
+
+
 class _CachedModel:
     """One model's incremental decoding state: a KV cache, its attention mask and per-row
     positions counting valid tokens only (left padding, and in speculative sampling rejected
     draft slots that stay in the cache masked out of attention). `logits` holds the next-token
     logits after the last call."""
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, repeat: int = 1):
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, repeat: int = 1, capacity: int = 0):
+        """capacity > 0: a static cache of that many slots per row (prompt + new tokens), allocated
+        once, so every decoding step has the same shapes and buffer addresses (what torch.compile
+        and CUDA graphs need); 0: a dynamic cache that grows by concatenation."""
         self.model = model
         self.key = _cache_kwarg(model)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = StaticCache(config=model.config, max_cache_len=capacity) if capacity else \
+            DynamicCache(config=model.config)
         self.mask = mask.long()
         self.logits = None
+        self.step_fn = self.model  # decoding steps (compile_step: a torch.compile'd forward)
         if ids.shape[1]:  # prefill, once per distinct prompt
-            self.logits = self._run(ids, positions_from_mask(self.mask), logits_to_keep=1)[:, -1]
+            self.logits = self._run(self.model, ids, positions_from_mask(self.mask), logits_to_keep=1)[:, -1]
             if repeat > 1:  # prefix sharing: replicate the prompt caches for the n samples
-                self.cache.batch_repeat_interleave(repeat)
+                _repeat_cache(self.cache, repeat)
                 self.logits = self.logits.repeat_interleave(repeat, 0)
         self.mask = self.mask.repeat_interleave(repeat, 0)
         self.length = self.mask.sum(1)  # [B] valid tokens so far = position of the next token
+        self.written = self.mask.shape[1]  # slots used
+        if capacity:  # a full-width mask from the start: every step sees the same shapes
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(self.mask.shape[0], capacity - self.written)], 1)
 
-    def _run(self, ids, positions, logits_to_keep):
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=logits_to_keep, **{self.key: self.cache})
+    def compile_step(self) -> None:
+        """Decode through a torch.compile'd forward (static caches only: fixed shapes, one graph;
+        on CUDA mode=reduce-overhead captures it as a CUDA graph)."""
+        cuda = next(self.model.parameters()).device.type == "cuda"
+        self.step_fn = _compiled(self.model, "reduce-overhead" if cuda else "default")
+
+    def _run(self, fn, ids, positions, logits_to_keep):
+        out = fn(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                 logits_to_keep=logits_to_keep, **{self.key: self.cache})
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         return out.logits
 
@@ -149,9 +193,13 @@ class _CachedModel:
         """Append tokens [B, n] (all valid); returns logits [B, n, V] after each of them."""
         n = tokens.shape[1]
         positions = self.length[:, None] + torch.arange(n, device=tokens.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        if isinstance(self.cache, StaticCache):
+            self.mask[:, self.written : self.written + n] = 1
+        else:
+            self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        self.written += n
         self.length = self.length + n
-        logits = self._run(tokens, positions, logits_to_keep=n)
+        logits = self._run(self.step_fn, tokens, positions, logits_to_keep=n)
         self.logits = logits[:, -1]
         return logits
 
@@ -159,7 +207,8 @@ class _CachedModel:
         """Of the last n slots, keep the first keep[b] of row b; mask out the rest."""
         idx = torch.arange(n, device=keep.device)
         dead = idx[None, :] >= keep[:, None]
-        self.mask[:, -n:] = self.mask[:, -n:].masked_fill(dead, 0)
+        lo, hi = self.written - n, self.written
+        self.mask[:, lo:hi] = self.mask[:, lo:hi].masked_fill(dead, 0)
         self.length = self.length - dead.sum(1)
 
 
@@ -211,6 +260,8 @@ def rollout(
     timings: dict | None = None,
     n: int = 1,
     lockstep: Callable[[bool], bool] | None = None,
+    static_cache: bool = False,
+    compile_step: bool = False,
 ) -> Rollout:
     """Sample n completions per row of the left-padded prompts under `sampler`.
 
@@ -220,8 +271,13 @@ def rollout(
     seconds of prefill and of the trust-region search, and the number of decoding steps
     (benchmarks; it synchronises CUDA around the timed parts); lockstep: for a teacher sharded
     across ranks, called each step with "all my rows are done" and returning whether that holds on
-    every rank, so every rank runs the same number of teacher forwards. Returns a `Rollout`.
+    every rank, so every rank runs the same number of teacher forwards; static_cache: preallocated
+    KV caches of prompt + max_new_tokens slots (fixed shapes per step; the per-token decoder
+    only, speculative sampling keeps dynamic caches); compile_step (needs static_cache): decode
+    through each model's torch.compile'd forward (compiled once per model). Returns a `Rollout`.
     """
+    if compile_step and not static_cache:
+        raise ValueError("compile_step needs static_cache=True (a compiled step needs fixed shapes)")
     if sampler.needs_teacher and teacher is None:
         raise ValueError(f"sampler {sampler.kind!r} with eps={sampler.eps} needs a teacher model")
     if sampler.speculative:
@@ -230,8 +286,16 @@ def rollout(
                                    timings=timings, n=n)
     dev = prompt_ids.device
     clock = _Clock(timings, dev)
-    s_step = _CachedModel(student, prompt_ids, prompt_mask, repeat=n)
-    t_step = _CachedModel(teacher, prompt_ids, prompt_mask, repeat=n) if sampler.needs_teacher else None
+    # static caches: capacity rounded up to a multiple of 64 slots, so prompts of similar widths
+    # share one compiled decoding graph
+    capacity = -(-(prompt_ids.shape[1] + max_new_tokens) // 64) * 64 if static_cache else 0
+    s_step = _CachedModel(student, prompt_ids, prompt_mask, repeat=n, capacity=capacity)
+    t_step = _CachedModel(teacher, prompt_ids, prompt_mask, repeat=n, capacity=capacity) \
+        if sampler.needs_teacher else None
+    if compile_step:
+        for m in (s_step, t_step):
+            if m is not None:
+                m.compile_step()
     if n > 1:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
     b = prompt_ids.shape[0]

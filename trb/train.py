@@ -263,7 +263,8 @@ def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) 
     run.policy.eval()
     sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps, cfg.rollout.draft_k)
     ro = rollout(run.policy, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
-                 stop=stop, generator=noise, n=n, lockstep=run.lockstep)
+                 stop=stop, generator=noise, n=n, lockstep=run.lockstep, static_cache=cfg.rollout.static_cache,
+                 compile_step=cfg.rollout.compile_step)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     rewards = (run.grader.grade(decode_completions(run.tok, ro.tokens, ro.response_mask), golds)
