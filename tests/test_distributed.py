@@ -125,15 +125,15 @@ def _free_port() -> int:
 
 def test_slurm_tasks_run_as_ranks(tmp_path):
     """What srun (or Hydra's submitit launcher with tasks_per_node=2) starts: two plain `trb train`
-    processes told their rank by SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID."""
+    processes told their rank by SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (TRB_SLURM_RANKS=1)."""
     port = str(_free_port())
     out = tmp_path / "slurm"
     args = ["train", "steps=1", "prompts_per_step=4", "rollout.n=2", "eval_every=0", "logger.kind=none",
             f"output_dir={out}"]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "WANDB_MODE": "disabled", "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
-               "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = {**os.environ, "WANDB_MODE": "disabled", "TRB_SLURM_RANKS": "1", "SLURM_PROCID": str(rank),
+               "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(key, None)
         procs.append(subprocess.Popen([sys.executable, "-m", "trb", *args], cwd=tmp_path, env=env,
@@ -147,10 +147,23 @@ def test_slurm_tasks_run_as_ranks(tmp_path):
 
 
 def test_slurm_tasks_without_master_addr_get_a_message(tmp_path):
-    env = {**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "TRB_SLURM_RANKS": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "WANDB_MODE": "disabled"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     res = subprocess.run([sys.executable, "-m", "trb", "train", "steps=1", f"output_dir={tmp_path / 'r'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "needs MASTER_ADDR and MASTER_PORT" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_slurm_variables_alone_do_not_make_ranks(tmp_path):
+    """An sbatch script's own shell carries SLURM_NTASKS > 1 and SLURM_PROCID=0: without
+    TRB_SLURM_RANKS=1 trb trains as one process instead of waiting for ranks."""
+    env = {**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "WANDB_MODE": "disabled"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRB_SLURM_RANKS"):
+        env.pop(key, None)
+    res = subprocess.run([sys.executable, "-m", "trb", "train", "steps=0", "eval_every=0", "dataset.eval_size=4",
+                          "logger.kind=none", f"output_dir={tmp_path / 'r'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["processes"] == 1

@@ -54,9 +54,13 @@ class World:
 
 
 def _slurm_env() -> None:
-    """Slurm tasks (srun, or Hydra's submitit launcher with tasks_per_node > 1) as ranks: map
-    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID onto torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+    """With TRB_SLURM_RANKS=1, Slurm tasks (srun, or Hydra's submitit launcher with
+    tasks_per_node > 1) are the ranks: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are mapped onto
+    torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Opt-in, because an sbatch script's own shell also
+    carries SLURM_NTASKS > 1 and SLURM_PROCID=0 and would otherwise wait for ranks that never come."""
+    if os.environ.get("TRB_SLURM_RANKS") != "1" or "WORLD_SIZE" in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
         return
     if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
         raise ValueError("a Slurm job with several tasks runs data-parallel and needs MASTER_ADDR and MASTER_PORT: "

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch.distributed.tensor import DTensor
 
 from trb import distributed
@@ -152,8 +151,9 @@ class _Run:
 
     def local_batch(self, rows: list[dict], seed: int, n: int):
         """This rank's share of a global prompt batch, encoded, and the noise source for its rows
-        (n samples per prompt; the global batch's noise, sliced: see RowSlice). Returns None when a rank has no prompt
-        left after skipping long ones (the step is then skipped on every rank)."""
+        (n samples per prompt; the global batch's noise, sliced: see RowSlice). Returns
+        ((rows, ids, mask, noise, global prompt count) or None, number of prompts too long); None
+        when some rank has no prompt left after skipping long ones (every rank then skips the step)."""
         lo, hi = self.world.slice(len(rows))
         cfg = self.cfg
         rows, ids, mask, too_long = encode_batch(self.tok, rows[lo:hi], cfg.prompt, cfg.rollout.max_prompt_tokens,
