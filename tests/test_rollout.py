@@ -189,3 +189,16 @@ def test_compiled_step_decodes_like_eager():
     _same_rollouts(*runs, tol=1e-4)
     with pytest.raises(ValueError, match="compile_step needs static_cache"):
         rollout(s, t, ids, mask, max_new_tokens=4, sampler=Sampler("student"), stop=stop, compile_step=True)
+
+
+@pytest.mark.parametrize("kind, eps, static", [("student", 0.0, False), ("trb", 0.05, True), ("skd", 0.0, False)])
+def test_checking_for_the_end_less_often_changes_nothing(kind, eps, static):
+    """check_every=k (GPUs: 8) tests "all rows stopped" only every k steps; the rows that stopped
+    meanwhile emit masked padding that is trimmed, so samples and records are the same."""
+    s, t, tok, stop = _pair()
+    ids, mask = prompts(tok)
+    runs = [rollout(s, t, ids, mask, max_new_tokens=100, sampler=Sampler(kind, eps=eps), stop=stop, n=2,
+                    generator=torch.Generator().manual_seed(11), static_cache=static, check_every=every)
+            for every in (1, 5)]
+    assert bool(runs[0].stopped.any())  # some rows stop early, so the trimming is exercised
+    _same_rollouts(*runs)

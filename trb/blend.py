@@ -367,6 +367,9 @@ def skd_sample(
 # ---------------------------------------------------------------------------------------------
 
 
+_STOP_IDS: dict = {}
+
+
 def canonicalize_eos(logprobs: torch.Tensor, stop_ids: list[int], canonical_id: int) -> torch.Tensor:
     """Move the mass of every stop id onto one canonical id (method.md section 4).
 
@@ -377,7 +380,10 @@ def canonicalize_eos(logprobs: torch.Tensor, stop_ids: list[int], canonical_id: 
     others = [i for i in dict.fromkeys(stop_ids) if i != canonical_id]
     if not others:
         return logprobs
-    ids = torch.tensor([canonical_id, *others], device=logprobs.device)
+    key = (canonical_id, *others, str(logprobs.device))
+    ids = _STOP_IDS.get(key)
+    if ids is None:  # made once per device: a fresh host-to-device copy every decoding step would sync
+        ids = _STOP_IDS[key] = torch.tensor([canonical_id, *others], device=logprobs.device)
     stop_mass = torch.logsumexp(logprobs.index_select(-1, ids), dim=-1)
     out = logprobs.index_fill(-1, ids[1:], NEG_INF)
     return out.index_copy(-1, ids[:1], stop_mass.unsqueeze(-1))

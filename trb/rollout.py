@@ -262,6 +262,7 @@ def rollout(
     lockstep: Callable[[bool], bool] | None = None,
     static_cache: bool = False,
     compile_step: bool = False,
+    check_every: int | None = None,
 ) -> Rollout:
     """Sample n completions per row of the left-padded prompts under `sampler`.
 
@@ -274,7 +275,10 @@ def rollout(
     every rank, so every rank runs the same number of teacher forwards; static_cache: preallocated
     KV caches of prompt + max_new_tokens slots (fixed shapes per step; the per-token decoder
     only, speculative sampling keeps dynamic caches); compile_step (needs static_cache): decode
-    through each model's torch.compile'd forward (compiled once per model). Returns a `Rollout`.
+    through each model's torch.compile'd forward (compiled once per model); check_every: test
+    for "every row has stopped" (a host sync) only every that many steps (None: every step on
+    CPU, every 8 on GPUs); rows that stopped keep emitting masked padding until then, and the
+    result is the same. Returns a `Rollout`.
     """
     if compile_step and not static_cache:
         raise ValueError("compile_step needs static_cache=True (a compiled step needs fixed shapes)")
@@ -305,7 +309,9 @@ def rollout(
                                            ("tok", "live", "s", "t", "mu", "beta", "kl", "rep", "ent")}
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     nan = torch.full((b,), float("nan"), device=dev)
-    for _ in range(max_new_tokens):
+    if check_every is None:
+        check_every = 1 if dev.type == "cpu" else 8
+    for step in range(max_new_tokens):
         s = _logprobs(s_step.logits, stop)
         t = _logprobs(t_step.logits, stop) if t_step is not None else None
         replaced = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -341,17 +347,19 @@ def rollout(
         cols["ent"].append(_entropy(t) if t is not None else nan)
         done = done | (tok == stop.emit_id)
         clock.count("steps")
-        finished = bool(done.all())
-        if lockstep is not None and t_step is not None:
-            finished = lockstep(finished)
-        if finished:
-            break
+        if (step + 1) % check_every == 0 or step + 1 == max_new_tokens:
+            finished = bool(done.all())
+            if lockstep is not None and t_step is not None:
+                finished = lockstep(finished)
+            if finished:
+                break
         s_step.extend(tok[:, None])
         if t_step is not None:
             t_step.extend(tok[:, None])
 
     st = {k: torch.stack(v, dim=1) for k, v in cols.items()}
-    width = int(st["live"].any(0).nonzero().max()) + 1  # < steps when lockstep ran past this rank's rows
+    # < steps when the loop ran past every row's stop (check_every > 1, or lockstep across ranks)
+    width = int(st["live"].any(0).nonzero().max()) + 1
     st = {k: v[:, :width] for k, v in st.items()}
     mask = st["live"]
     return Rollout(
