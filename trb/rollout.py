@@ -359,7 +359,7 @@ def rollout(
 
     st = {k: torch.stack(v, dim=1) for k, v in cols.items()}
     # < steps when the loop ran past every row's stop (check_every > 1, or lockstep across ranks)
-    width = int(st["live"].any(0).nonzero().max()) + 1
+    width = int(st["live"].any(0).nonzero().max()) + 1 if b else 0
     st = {k: v[:, :width] for k, v in st.items()}
     mask = st["live"]
     return Rollout(
