@@ -86,7 +86,7 @@ def init(device: str = "auto") -> World:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # NCCL for CUDA tensors, gloo for CPU ones (device=cpu on a GPU machine, CPU-side reductions)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return current()
 
 
 def current() -> World:

@@ -152,8 +152,8 @@ class _Run:
     def local_batch(self, rows: list[dict], seed: int, n: int):
         """This rank's share of a global prompt batch, encoded, and the noise source for its rows
         (n samples per prompt; the global batch's noise, sliced: see RowSlice). Returns
-        ((rows, ids, mask, noise, global prompt count) or None, number of prompts too long); None
-        when some rank has no prompt left after skipping long ones (every rank then skips the step)."""
+        ((rows, ids, mask, noise) or None, number of prompts too long); None when some rank has no
+        prompt left after skipping long ones (every rank then skips the step)."""
         lo, hi = self.world.slice(len(rows))
         cfg = self.cfg
         rows, ids, mask, too_long = encode_batch(self.tok, rows[lo:hi], cfg.prompt, cfg.rollout.max_prompt_tokens,
@@ -165,7 +165,7 @@ class _Run:
         noise = self.gen
         if self.world.distributed:
             noise = RowSlice(self.gen, n * sum(counts[: self.world.rank]), n * sum(counts))
-        return (rows, ids, mask, noise, sum(counts)), too_long
+        return (rows, ids, mask, noise), too_long
 
     @property
     def lockstep(self):
@@ -214,7 +214,7 @@ def build_sft_pool(run: _Run, train_rows, log) -> list:
         batch, _ = run.local_batch(rows, step_seed(cfg.seed, k, phase=1), m.sft_samples)
         if batch is None:
             continue
-        rows, ids, mask, noise, _ = batch
+        rows, ids, mask, noise = batch
         ro = rollout(run.policy, run.teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens,
                      sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=run.stop,
                      generator=noise, n=m.sft_samples, lockstep=run.lockstep)
@@ -246,16 +246,16 @@ def sft_step(run: _Run, batch, step: int) -> dict:
             "rollout/length": float(m.sum(1).float().mean()), "_tokens": int(m.sum())}
 
 
-def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) -> dict | None:
+def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) -> dict:
     """One on-policy distillation step under the method's sampler: rollouts (this rank's share of
     the prompts), rewards, teacher scores, loss, update. Returns the step's metrics for this rank
-    (None when the step was skipped: a rank had no prompt that fits max_prompt_tokens)."""
+    ({"_skipped_step": True, ...} when a rank had no prompt that fits max_prompt_tokens)."""
     t0 = time.time()
     cfg, stop, teacher = run.cfg, run.stop, run.teacher
     batch, too_long = run.local_batch(rows, step_seed(cfg.seed, step), cfg.rollout.n)
     if batch is None:
         return {"_skipped_step": True, "_too_long": too_long}
-    rows, ids, mask, noise, _ = batch
+    rows, ids, mask, noise = batch
     n = cfg.rollout.n
     golds = [r["gold"] for r in rows for _ in range(n)]
 
@@ -282,26 +282,23 @@ def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) 
     # 3. student forward + loss + update
     run.objective.train()
     set_lr(cfg, run.opt, step)
-    kl_box = []
 
-    def distill(h_s, head):
-        loss, value = chunked_distill_loss(
+    def distill(h_s, head):  # -> (loss, detached estimator value)
+        return chunked_distill_loss(
             h_s, head, h_t, teacher.get_output_embeddings(),
             estimator=cfg.loss.estimator, k=cfg.loss.k, topk_baseline=cfg.loss.topk_baseline, tokens=tokens,
             behavior_logprobs=ro.behavior_logp[m], importance_weight=cfg.loss.importance_weight, veto_b=veto_b,
             stop_ids=stop.stop_ids, canonical_stop=stop.emit_id, chunk_size=cfg.loss.chunk_size,
         )
-        kl_box.append(value)
-        return loss
 
-    loss = run.objective(seq, smask, ids.shape[1], m, distill)
+    loss, kl_value = run.objective(seq, smask, ids.shape[1], m, distill)
     n_tok = int(m.sum())
     loss_value, gnorm = _update(run, loss, n_tok, step)
     t_end = time.time()
 
     return {
         "loss": loss_value,
-        "kl_estimate": float(kl_box[0]),
+        "kl_estimate": float(kl_value),
         "grad_norm": gnorm,
         "lr": run.opt.param_groups[0]["lr"],
         **rollout_metrics(ro, rewards, sampler.eps, effective_temperature(sampler)),
@@ -321,8 +318,9 @@ def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) 
 
 def reduce_metrics(metrics: dict) -> dict:
     """One record from every rank's step metrics: token-weighted mean of kl_estimate, sums of the
-    counters and throughputs, the slowest rank's times, the plain mean of the rest (loss,
-    grad_norm and lr are already global). Single process: the metrics without private keys."""
+    throughputs, the slowest rank's times, rank 0's value of the keys that are already global
+    (loss, grad_norm, lr, eps, ...), the plain mean of the rest. Single process: the metrics
+    without private keys."""
     parts = distributed.gather(metrics)
     if len(parts) == 1:
         return {k: v for k, v in metrics.items() if not k.startswith("_")}
@@ -352,8 +350,9 @@ _RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", 
 def find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: resume=PATH, or (auto) the run dir's last complete one.
 
-    A run dir whose train_config.json describes a different run (other than resume / keep_last /
-    logger / output_dir / threads / device) is refused rather than mixed with this one."""
+    A run dir whose train_config.json describes a different run (in any key but those of
+    _RESUMABLE_IGNORED: resume, keep_last, logger, output_dir, threads, device, parallel) is
+    refused rather than mixed with this one."""
     if cfg.resume == "never":
         return None
     if cfg.resume != "auto":
