@@ -9,7 +9,8 @@ from trb.losses import (
     reverse_kl_full,
     reverse_kl_sampled,
     reverse_kl_topk,
-    token_loss,
+    Estimator,
+    Target,
     veto_target,
 )
 
@@ -129,8 +130,8 @@ def test_forward_kl_and_veto_target():
     assert torch.allclose(q.exp(), torch.softmax(t + 0.5 * s.detach(), -1))
     assert veto_target(s, t, 0.0) is t
     # the Veto target holds p_S constant: its gradient flows only through the KL's first argument
-    g = _grad(lambda x: token_loss(torch.log_softmax(x, -1), veto_target(torch.log_softmax(x, -1), t, 0.5),
-                                   "full")[0], ls)
+    g = _grad(lambda x: Estimator("full")(torch.log_softmax(x, -1), veto_target(torch.log_softmax(x, -1), t, 0.5)
+                                          )[0], ls)
     q_const = veto_target(s.detach(), t, 0.5)
     g_ref = _grad(lambda x: exact_reverse_kl(x, q_const), ls)
     assert torch.allclose(g, g_ref, atol=1e-10)
@@ -149,7 +150,7 @@ def test_chunked_equals_unchunked_and_mask(estimator):
 
     def run(chunk):
         head_s.zero_grad()
-        loss, val = chunked_distill_loss(hs, head_s, ht, head_t, estimator=estimator, k=5, tokens=toks,
+        loss, val = chunked_distill_loss(hs, head_s, ht, head_t, Estimator(estimator, k=5), tokens=toks,
                                          behavior_logprobs=blp, chunk_size=chunk)
         loss.backward()
         return loss.detach(), val, head_s.weight.grad.clone()
@@ -162,7 +163,7 @@ def test_chunked_equals_unchunked_and_mask(estimator):
     # token mean: equals the mean of per-row estimator values
     s = torch.log_softmax(head_s(hs).float(), -1)
     t = torch.log_softmax(head_t(ht).float(), -1)
-    _, per_row = token_loss(s, t, estimator, k=5, tokens=toks, behavior_logprobs=blp)
+    _, per_row = Estimator(estimator, k=5)(s, t, toks, blp)
     assert torch.allclose(v1, per_row.mean(), atol=1e-5)
 
 
@@ -174,8 +175,8 @@ def test_eos_canonicalisation_in_loss():
     w_t = w.clone()
     w_t[[0, 1]] = w[[1, 0]]  # teacher = student with the two stop ids swapped
     hs = torch.randn(3, h, requires_grad=True)
-    kl_raw, _ = chunked_distill_loss(hs, lambda x: x @ w.T, hs.detach(), lambda x: x @ w_t.T, estimator="full")
-    kl_can, _ = chunked_distill_loss(hs, lambda x: x @ w.T, hs.detach(), lambda x: x @ w_t.T, estimator="full",
-                                     stop_ids=[0, 1], canonical_stop=0)
+    kl_raw, _ = chunked_distill_loss(hs, lambda x: x @ w.T, hs.detach(), lambda x: x @ w_t.T, Estimator("full"))
+    kl_can, _ = chunked_distill_loss(hs, lambda x: x @ w.T, hs.detach(), lambda x: x @ w_t.T, Estimator("full"),
+                                     Target(stop_ids=(0, 1), canonical_stop=0))
     assert kl_raw.item() > 1e-3
     assert abs(kl_can.item()) < 1e-6

@@ -8,7 +8,8 @@ import torch
 from helpers import prompts, tiny_model
 from trb.blend import blend_logprobs, kl_divergence
 from trb.models import check_pair
-from trb.rollout import Sampler, StopSpec, response_hidden, rollout, score_tokens
+from trb.microbatch import pack, response_hidden
+from trb.rollout import Sampler, StopSpec, rollout, score_tokens
 
 
 def _stop(model, tok, teacher=None):
@@ -59,10 +60,10 @@ def test_trust_region_records_are_consistent():
     assert ((ro.beta[m] > 0) & (ro.beta[m] <= 1)).all()
     # the recorded log mu(y) is the blend of the recorded student/teacher log-probs at beta: check
     # via re-scoring the same prefixes with both models and re-blending
-    seq, smask = ro.sequences()
-    hs = response_hidden(student, seq, smask, ids.shape[1], m)
-    ht = response_hidden(teacher, seq, smask, ids.shape[1], m)
     stop = _stop(student, tok, teacher)
+    mb = pack(ro, list(range(m.shape[0])), stop.pad_id)  # right-padded, no attention mask, rows in order
+    assert torch.equal(ro.tokens[mb.rows, mb.cols], ro.tokens[m])
+    hs, ht = response_hidden(student, mb), response_hidden(teacher, mb)
     s_lp, _ = score_tokens(student.lm_head, hs, ro.tokens[m], stop)
     t_lp, _ = score_tokens(teacher.lm_head, ht, ro.tokens[m], stop)
     assert torch.allclose(s_lp, ro.student_logp[m], atol=1e-4)

@@ -381,7 +381,7 @@ def loss_peak_memory(pair: str, batch: int, length: int, chunk: int, device: str
     """Peak memory of one loss forward + backward (student hidden states -> chunked top-k reverse
     KL -> backward): CUDA peak allocation, or on CPU the rise of the process's peak RSS (VmHWM,
     reset just before the call) above its RSS before the call."""
-    from trb.losses import chunked_distill_loss
+    from trb.losses import Estimator, chunked_distill_loss
 
     dev = torch.device(device)
     student, teacher, _, _ = load_pair(pair, dev)
@@ -395,7 +395,7 @@ def loss_peak_memory(pair: str, batch: int, length: int, chunk: int, device: str
     _peak_reset(dev)
     _reset_hwm()
     loss, _ = chunked_distill_loss(hs, student.get_output_embeddings(), ht, teacher.get_output_embeddings(),
-                                   estimator="topk", k=16, tokens=tokens, chunk_size=chunk)
+                                   Estimator("topk", 16), tokens=tokens, chunk_size=chunk)
     loss.backward()
     rise = _peak_mb(dev) if dev.type == "cuda" else _hwm_mb() - base
     return {"positions": batch * length, "vocab": v, "chunk": chunk, "peak_rise_mb": rise,
@@ -409,9 +409,10 @@ def bench_train(pair: str = "vocab32k", batch: int = 16, prompt_len: int = 32, n
     import subprocess
     import sys
 
-    from trb.losses import chunked_distill_loss
+    from trb.losses import Estimator, chunked_distill_loss
+    from trb.microbatch import Sequences, response_hidden, split
     from trb.models import pick_device
-    from trb.rollout import response_hidden, score_tokens
+    from trb.rollout import score_tokens
 
     torch.set_num_threads(threads)
     dev = pick_device(device)
@@ -419,24 +420,24 @@ def bench_train(pair: str = "vocab32k", batch: int = 16, prompt_len: int = 32, n
     v = student.config.vocab_size
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, v, (batch, prompt_len + new_tokens), generator=g).to(dev)
-    smask = torch.ones_like(seq)
     m = torch.ones(batch, new_tokens, dtype=torch.bool, device=dev)
+    (mb,) = split(Sequences(seq[:, :prompt_len], torch.ones_like(seq[:, :prompt_len]), seq[:, prompt_len:], m), 0, 0)
     stop = StopSpec(stop_ids=[], emit_id=-1, pad_id=0)
     toks = seq[:, prompt_len:][m]
     n_tok = int(m.sum())
 
     def teacher_score():
         with torch.no_grad():
-            h = response_hidden(teacher, seq, smask, prompt_len, m)
+            h = response_hidden(teacher, mb)
             score_tokens(teacher.get_output_embeddings(), h, toks, stop)
 
     def student_update():
         student.train()
         with torch.no_grad():
-            ht = response_hidden(teacher, seq, smask, prompt_len, m)
-        hs = response_hidden(student, seq, smask, prompt_len, m)
+            ht = response_hidden(teacher, mb)
+        hs = response_hidden(student, mb)
         loss, _ = chunked_distill_loss(hs, student.get_output_embeddings(), ht, teacher.get_output_embeddings(),
-                                       estimator="topk", k=16, tokens=toks, chunk_size=128)
+                                       Estimator("topk", 16), tokens=toks, chunk_size=128)
         loss.backward()
         student.zero_grad(set_to_none=True)
         student.eval()

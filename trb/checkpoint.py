@@ -6,6 +6,8 @@ folder named step_NNNNNN is always complete.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
@@ -71,3 +73,65 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
+
+
+# ---------------------------------------------------------------------------------------------
+# resume bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+# memory knobs (train: micro-batches, checkpointing, compute dtype; plan) may change on resume: a run that ran
+# out of memory continues with a smaller budget
+_RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device", "parallel", "train", "plan")
+
+
+def find_resume(cfg, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: resume=PATH, or (auto) the run dir's last complete one.
+
+    A run dir whose train_config.json describes a different run (in any key but those of
+    _RESUMABLE_IGNORED) is
+    refused rather than mixed with this one."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume).expanduser()
+        if not (path / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"resume={cfg.resume!r} is not a trb checkpoint (no trainer_state.pt); give a "
+                                    f"run_dir/checkpoints/step_NNNNNN folder, resume=auto or resume=never")
+        return path
+    ckpts = [c for c in list_checkpoints(run_dir) if (c / "trainer_state.pt").exists()]
+    if not ckpts:
+        return None
+    saved_path = run_dir / "train_config.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_IGNORED and saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"the run dir {run_dir} holds a different run (its train_config.json differs in: "
+                             f"{', '.join(diff)}); use another output_dir / hydra.run.dir, or resume=never to "
+                             f"overwrite it")
+    return ckpts[-1]
+
+
+def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
+    """Drop metrics.jsonl records written after the checkpoint at `step` (they are recomputed);
+    return the eval records kept. The eval at `step` itself was logged before that checkpoint was
+    saved, unless `step` is the final one (its eval runs after the loop)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    keep, evals = [], []
+    for line in path.read_text().splitlines():
+        if not line:
+            continue
+        rec = json.loads(line)
+        is_eval = "eval/accuracy" in rec
+        if (is_eval and (rec["step"] < step or (rec["step"] == step and not final))) or \
+                (not is_eval and rec["step"] < step):
+            keep.append(line)
+            if is_eval:
+                evals.append(rec)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+    return evals

@@ -30,6 +30,7 @@ class ModelConfig:
     path: str = "toy:student"  # local HF folder, hub id (must be cached offline), or toy:student / toy:teacher
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False  # run a model's own code from its folder (off unless you trust it)
+    shape: Optional[str] = None  # config.json trb plan uses when the model is not at hand (a file, or a shipped name)
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model path is empty: set student.path / teacher.path")
@@ -90,15 +91,6 @@ class MethodConfig:
         _check(self.sft_updates >= 0, f"method.sft_updates must be >= 0; got {self.sft_updates}")
         _check(self.sft_prompt_steps >= 1, f"method.sft_prompt_steps must be >= 1; got {self.sft_prompt_steps}")
         _check(self.sft_samples >= 1, f"method.sft_samples must be >= 1; got {self.sft_samples}")
-
-    def veto_schedule(self) -> Schedule:
-        return Schedule("linear", self.veto_b_start, self.veto_horizon)
-
-    def temperature(self, step: int) -> float:
-        """Rollout temperature at `step` (temp_warmup: tau_0 -> 1 linearly; others 1)."""
-        if self.name != "temp_warmup":
-            return 1.0
-        return 1.0 - Schedule("linear", 1.0 - self.temp_start, self.temp_horizon)(step)
 
 
 @dataclass
@@ -255,6 +247,40 @@ class DecodingConfig:
         self.ks = [k for k in self.ks if k <= self.n] or [1]
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class StepConfig:
+    """How the update runs: the token budget of every non-decoding forward, activation
+    checkpointing, mixed precision. Gradients are the same up to float rounding for any setting."""
+
+    micro_batch_tokens: int = 0  # padded tokens (rows x width) per teacher-scoring / student forward+backward (0 = all)
+    activation_checkpointing: bool = False  # recompute each student decoder layer in the backward (non-reentrant)
+    compute_dtype: str = "float32"  # student forward/backward: float32 | bfloat16 (weights and AdamW stay float32)
+    tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls
+
+    def __post_init__(self) -> None:
+        _check(self.micro_batch_tokens >= 0, f"train.micro_batch_tokens must be >= 0; got {self.micro_batch_tokens}")
+        _check(self.compute_dtype in COMPUTE_DTYPES,
+               f"train.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
+
+
+@dataclass
+class PlanConfig:
+    """`trb plan` (and the check `trb train` runs at start on GPUs): peak memory per device and phase."""
+
+    world_size: int = 0  # processes (GPUs) the run uses (0 = the launch's WORLD_SIZE, else 1)
+    device_gb: float = 0.0  # memory per device in GB (0 = the visible GPU's, else 80)
+    reserve_gb: float = 3.0  # kept free per device: CUDA context, communication buffers, allocator slack
+    check: bool = True  # trb train on GPUs: refuse at start a run the plan says cannot fit
+
+    def __post_init__(self) -> None:
+        _check(self.world_size >= 0, f"plan.world_size must be >= 0; got {self.world_size}")
+        _check(self.device_gb >= 0, f"plan.device_gb must be >= 0; got {self.device_gb}")
+        _check(self.reserve_gb >= 0, f"plan.reserve_gb must be >= 0; got {self.reserve_gb}")
+
+
 @dataclass
 class ParallelConfig:
     """Multi-process training (torchrun / Slurm tasks); ignored in one process."""
@@ -282,6 +308,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: StepConfig = field(default_factory=StepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     steps: int = 400  # optimiser steps (one rollout batch each)
     prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
     eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
@@ -303,6 +331,11 @@ class TrainConfig:
         _check(bool(self.resume), "resume must be auto, never or a checkpoint path")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
         check_method_blend(self.method, self.blend)
+        longest = self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
+        _check(not self.train.micro_batch_tokens or self.train.micro_batch_tokens >= longest,
+               f"train.micro_batch_tokens={self.train.micro_batch_tokens} is below the longest sequence "
+               f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {longest}); a sequence is never split: "
+               f"use train.micro_batch_tokens >= {longest} (or 0 for no bound)")
         _check(self.parallel.teacher != "shard" or self.rollout.draft_k == 0,
                "parallel.teacher=shard runs the per-token decoder in lockstep across ranks; speculative sampling "
                "(rollout.draft_k > 0) needs parallel.teacher=replicate")

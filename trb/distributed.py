@@ -134,6 +134,14 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_max(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = getattr(body, "layers", None)
@@ -142,13 +150,18 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def shard(objective: torch.nn.Module, student: torch.nn.Module) -> None:
-    """FSDP2: fully_shard every decoder layer of `student`, then `objective` (the root that holds it)."""
-    from torch.distributed.fsdp import fully_shard
+def shard(objective: torch.nn.Module, student: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: fully_shard every decoder layer of `student`, then `objective` (the root that holds it).
+    compute_dtype (e.g. bfloat16): parameters are all-gathered in that dtype for the forward and
+    backward, gradients reduced in float32 into the float32 shards (MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {}
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(student):
-        fully_shard(layer)
-    fully_shard(objective)
+        fully_shard(layer, **kw)
+    fully_shard(objective, **kw)
 
 
 def shard_frozen(model: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ Estimators of KL(pi_theta(.|h) || pi_T(.|h)):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -99,29 +100,57 @@ def veto_target(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, 
     return torch.log_softmax(teacher_logprobs + b * student_logprobs.detach(), dim=-1)
 
 
-def token_loss(
-    student_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    estimator: str = "topk",
-    *,
-    k: int = 16,
-    topk_baseline: bool = True,
-    tokens: torch.Tensor | None = None,
-    behavior_logprobs: torch.Tensor | None = None,
-    importance_weight: bool = True,
-):
-    """Dispatch to one reverse-KL estimator. [N, V] -> (surrogate [N], value [N])."""
-    if estimator == "full":
-        return reverse_kl_full(student_logprobs, teacher_logprobs)
-    if estimator == "topk":
-        return reverse_kl_topk(student_logprobs, teacher_logprobs, k, topk_baseline)
-    if estimator == "sampled":
-        if tokens is None:
-            raise ValueError("loss estimator 'sampled' needs the sampled tokens")
-        return reverse_kl_sampled(student_logprobs, teacher_logprobs, tokens, behavior_logprobs, importance_weight)
-    if estimator == "forward":
+@dataclass(frozen=True)
+class Estimator:
+    """One reverse-KL estimator, built once from `LossConfig`: s, t [N, V] -> (surrogate [N], value [N]).
+
+    kind: full | topk | sampled | forward (forward KL, the supervised direction); k / topk_baseline
+    for topk; importance_weight for sampled (tokens and behaviour log-probs are then required)."""
+
+    kind: str = "topk"
+    k: int = 16
+    topk_baseline: bool = True
+    importance_weight: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in (*ESTIMATORS, "forward"):
+            raise ValueError(f"loss.estimator must be one of {', '.join(ESTIMATORS)} or 'forward'; got {self.kind!r}")
+
+    @classmethod
+    def from_config(cls, loss) -> Estimator:
+        return cls(loss.estimator, loss.k, loss.topk_baseline, loss.importance_weight)
+
+    def __call__(self, student_logprobs, teacher_logprobs, tokens=None, behavior_logprobs=None):
+        if self.kind == "full":
+            return reverse_kl_full(student_logprobs, teacher_logprobs)
+        if self.kind == "topk":
+            return reverse_kl_topk(student_logprobs, teacher_logprobs, self.k, self.topk_baseline)
+        if self.kind == "sampled":
+            if tokens is None:
+                raise ValueError("loss estimator 'sampled' needs the sampled tokens")
+            return reverse_kl_sampled(student_logprobs, teacher_logprobs, tokens, behavior_logprobs,
+                                      self.importance_weight)
         return forward_kl(student_logprobs, teacher_logprobs)
-    raise ValueError(f"loss.estimator must be one of {', '.join(ESTIMATORS)} or 'forward'; got {estimator!r}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What both models' log-prob rows go through before the estimator: EOS canonicalisation (every
+    id in stop_ids becomes one event at canonical_stop) and, for Veto, the target q ~ p_T p_S^B."""
+
+    stop_ids: tuple[int, ...] = ()
+    canonical_stop: int | None = None
+    veto_b: float = 0.0
+
+    def student(self, s: torch.Tensor) -> torch.Tensor:
+        if self.stop_ids and self.canonical_stop is not None:
+            s = canonicalize_eos(s, list(self.stop_ids), self.canonical_stop)
+        return s
+
+    def teacher(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The target log-probs given the teacher's t and the (canonicalised) student's s."""
+        t = self.student(t)
+        return veto_target(s, t, self.veto_b) if self.veto_b else t
 
 
 def chunked_distill_loss(
@@ -129,50 +158,43 @@ def chunked_distill_loss(
     student_head: Callable[[torch.Tensor], torch.Tensor],
     teacher_hidden: torch.Tensor,
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    estimator: Estimator = Estimator(),
+    target: Target = Target(),
     *,
-    estimator: str = "topk",
-    k: int = 16,
-    topk_baseline: bool = True,
     tokens: torch.Tensor | None = None,
     behavior_logprobs: torch.Tensor | None = None,
-    importance_weight: bool = True,
-    veto_b: float = 0.0,
-    stop_ids: list[int] | None = None,
-    canonical_stop: int | None = None,
     chunk_size: int = 1024,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean distillation loss over N response positions, one chunk of positions at a time.
+    """Distillation loss over N response positions, one chunk of positions at a time.
 
     Args:
         student_hidden: [N, Hs] final hidden states at response positions (requires grad).
         student_head / teacher_head: hidden -> logits (the models' output embeddings).
         teacher_hidden: [N, Ht] (no grad).
+        estimator, target: see `Estimator`, `Target`.
         tokens, behavior_logprobs: [N] for the `sampled` estimator.
-        veto_b: Veto exponent B (0 = plain teacher target).
-        stop_ids, canonical_stop: EOS canonicalisation applied to both models' log-probs.
         chunk_size: positions per chunk. Each chunk's float32 logits are recomputed in the
             backward pass (activation checkpointing), so at most one chunk of [chunk, V] logits
             per model is alive at a time instead of [N, V] for both models.
+        denominator: the sums are divided by it (default N: the token mean of these positions; a
+            micro-batch passes the whole batch's token count, so micro-batch gradients add up).
     Returns:
-        (loss, mean_value): the scalar surrogate to backpropagate (token-mean) and the detached
-        token-mean estimator value.
+        (loss, value): the scalar surrogate to backpropagate and the detached estimator value,
+        both summed over positions and divided by `denominator`.
     """
     n = student_hidden.shape[0]
+    denominator = float(n if denominator is None else denominator)
     if n == 0:
         zero = student_hidden.sum() * 0.0
         return zero, zero.detach()
 
     def chunk_terms(h_s: torch.Tensor, h_t: torch.Tensor, tok, blp) -> tuple[torch.Tensor, torch.Tensor]:
-        s = torch.log_softmax(student_head(h_s).float(), dim=-1)
+        s = target.student(torch.log_softmax(student_head(h_s).float(), dim=-1))
         with torch.no_grad():
             t = torch.log_softmax(teacher_head(h_t).float(), dim=-1)
-        if stop_ids and canonical_stop is not None:
-            s = canonicalize_eos(s, stop_ids, canonical_stop)
-            t = canonicalize_eos(t, stop_ids, canonical_stop)
-        if veto_b:
-            t = veto_target(s, t, veto_b)
-        sur, val = token_loss(s, t, estimator, k=k, topk_baseline=topk_baseline, tokens=tok, behavior_logprobs=blp,
-                              importance_weight=importance_weight)
+        t = target.teacher(t, s)
+        sur, val = estimator(s, t, tok, blp)
         return sur.sum(), val.sum()
 
     total = student_hidden.new_zeros((), dtype=torch.float32)
@@ -180,7 +202,7 @@ def chunked_distill_loss(
     for sur, val in _over_chunks(chunk_terms, chunk_size, student_hidden, teacher_hidden, tokens, behavior_logprobs):
         total = total + sur
         total_value = total_value + val.detach()
-    return total / n, total_value / n
+    return total / denominator, total_value / denominator
 
 
 def _over_chunks(fn, chunk_size: int, hidden: torch.Tensor, *others):
@@ -199,25 +221,24 @@ def chunked_nll_loss(
     student_hidden: torch.Tensor,
     student_head: Callable[[torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
+    target: Target = Target(),
     *,
-    stop_ids: list[int] | None = None,
-    canonical_stop: int | None = None,
     chunk_size: int = 1024,
+    denominator: float | None = None,
 ) -> torch.Tensor:
-    """Token-mean negative log-likelihood of `tokens` [N] (SFT on teacher samples), chunked and
-    checkpointed like `chunked_distill_loss`. EOS canonicalisation makes any stop id count as
-    the student's own EOS."""
+    """Negative log-likelihood of `tokens` [N] (SFT on teacher samples), summed and divided by
+    `denominator` (default N), chunked and checkpointed like `chunked_distill_loss`. The target's
+    EOS canonicalisation makes any stop id count as the student's own EOS."""
     n = student_hidden.shape[0]
+    denominator = float(n if denominator is None else denominator)
     if n == 0:
         return student_hidden.sum() * 0.0
 
     def chunk_nll(h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        s = torch.log_softmax(student_head(h).float(), dim=-1)
-        if stop_ids and canonical_stop is not None:
-            s = canonicalize_eos(s, stop_ids, canonical_stop)
+        s = target.student(torch.log_softmax(student_head(h).float(), dim=-1))
         return -s.gather(-1, tok[:, None]).sum()
 
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for part in _over_chunks(chunk_nll, chunk_size, student_hidden, tokens):
         total = total + part
-    return total / n
+    return total / denominator

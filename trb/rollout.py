@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
+from trb.microbatch import MicroBatch, Sequences, response_hidden, split
 from trb.blend import (
     blend_at,
     blend_logprobs,
@@ -83,13 +84,10 @@ class StopSpec:
 
 
 @dataclass
-class Rollout:
-    """A batch of sampled completions and per-token records. T = generated length."""
-
-    prompt_ids: torch.Tensor  # [B, P] left-padded
-    prompt_mask: torch.Tensor  # [B, P]
-    tokens: torch.Tensor  # [B, T] (pad after the stop token)
-    response_mask: torch.Tensor  # [B, T] bool, True up to and including the stop token
+class Rollout(Sequences):
+    """A batch of sampled completions and per-token records. T = generated length. The Sequences
+    fields: prompt_ids [B, P] left-padded, prompt_mask [B, P], tokens [B, T] (pad after the stop
+    token), response_mask [B, T] bool (True up to and including the stop token)."""
     student_logp: torch.Tensor  # [B, T] log pi_S(y_t | h_t), temperature 1, canonical EOS
     teacher_logp: torch.Tensor  # [B, T] log pi_T(y_t | h_t) (NaN until scored if not decoded)
     behavior_logp: torch.Tensor  # [B, T] log mu(y_t | h_t)
@@ -379,16 +377,6 @@ def rollout(
     )
 
 
-def response_hidden(model, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
-                    response_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states predicting each response token: [N, H] for the True entries of
-    response_mask [B, T] (position P-1+j predicts token j)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).last_hidden_state
-    t = response_mask.shape[1]
-    return hidden[:, prompt_len - 1 : prompt_len - 1 + t][response_mask]
-
-
 @torch.no_grad()
 def score_tokens(head, hidden: torch.Tensor, tokens: torch.Tensor, stop: StopSpec,
                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,18 +393,26 @@ def score_tokens(head, hidden: torch.Tensor, tokens: torch.Tensor, stop: StopSpe
 
 
 @torch.no_grad()
-def teacher_scores(teacher, ro: Rollout, stop: StopSpec) -> torch.Tensor:
-    """One teacher forward over the finished sequences: its hidden states at the response
-    positions [N, H] (for the loss); fills ro.teacher_logp / ro.teacher_entropy in place when the
-    sampler did not decode with the teacher."""
-    seq, smask = ro.sequences()
-    m = ro.response_mask
-    h_t = response_hidden(teacher, seq, smask, ro.prompt_ids.shape[1], m)
-    if not ro.teacher_decoded:
-        t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, ro.tokens[m], stop)
-        ro.teacher_logp[m] = t_lp.to(ro.teacher_logp.dtype)
-        ro.teacher_entropy[m] = t_ent.to(ro.teacher_entropy.dtype)
+def score_micro_batch(teacher, ro: Rollout, mb: MicroBatch, stop: StopSpec) -> torch.Tensor:
+    """The teacher's hidden states at the completion positions of one micro-batch [N, H] (for the
+    loss); fills those positions of ro.teacher_logp / ro.teacher_entropy when the sampler did not
+    decode with the teacher."""
+    h_t = response_hidden(teacher, mb)
+    if not ro.teacher_decoded and mb.weight:
+        t_lp, t_ent = score_tokens(teacher.get_output_embeddings(), h_t, ro.tokens[mb.rows, mb.cols], stop)
+        ro.teacher_logp[mb.rows, mb.cols] = t_lp.to(ro.teacher_logp.dtype)
+        ro.teacher_entropy[mb.rows, mb.cols] = t_ent.to(ro.teacher_entropy.dtype)
     return h_t
+
+
+@torch.no_grad()
+def teacher_scores(teacher, ro: Rollout, stop: StopSpec, micro_batch_tokens: int = 0) -> None:
+    """Teacher log-probs and entropies of a rollout's tokens (for samplers that did not decode with
+    the teacher), one micro-batch of at most `micro_batch_tokens` padded tokens at a time."""
+    if ro.teacher_decoded:
+        return
+    for mb in split(ro, micro_batch_tokens, stop.pad_id):
+        score_micro_batch(teacher, ro, mb, stop)
 
 
 # ---------------------------------------------------------------------------------------------

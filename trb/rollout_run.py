@@ -32,7 +32,8 @@ from trb.grading import Grader
 from trb.models import check_pair, load_model, prepare_run
 from trb.rollout import Rollout, Sampler, StopSpec, rollout, teacher_scores
 from trb.tracking import Tracker
-from trb.train import encode_batch, make_sampler, seed_everything
+from trb.methods import Method
+from trb.train import encode_batch, seed_everything
 
 
 def _cat_rollouts(parts: list[Rollout]) -> dict[str, torch.Tensor]:
@@ -155,7 +156,7 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     if cfg.num_prompts:
         rows = rows[: cfg.num_prompts]
     eps = cfg.blend.schedule()(cfg.step)
-    sampler = make_sampler(cfg.method, cfg.temperature, cfg.step, eps, cfg.draft_k)
+    sampler = Method(cfg.method, cfg.blend, cfg.temperature, cfg.draft_k).sampler(cfg.step)
     log(f"trb rollout: method={cfg.method.name} at step {cfg.step} (eps {eps:g}), {len(rows)} prompts x n={cfg.n}")
 
     t0 = time.time()

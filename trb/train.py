@@ -4,23 +4,28 @@
     trb train method=opd                        # vanilla OPD (also fixed, skd, veto, temp_warmup, sft_warmup)
     trb train blend=cosine blend.eps0=0.02 blend.horizon=50
     trb train -m method=opd,trb seed=0,1,2      # a sweep, one Hydra dir per job; then trb report
+    torchrun --nproc_per_node 8 -m trb train experiment=paper_0.6b_4b
 
-One step, top to bottom: eps_k from the schedule -> rollouts of prompts x n under the method's
-behaviour policy (per-token records) -> rewards from math-verify -> teacher and student forwards
-over the finished sequences -> chunked reverse-KL loss (Veto: to the Veto target) -> AdamW ->
-metrics -> (every eval_every steps) eval -> (every save_every steps) checkpoint. sft_warmup
-first samples the teacher on the prompts of its first steps and runs sft_updates supervised
-steps on them (they count as steps), then OPD.
+One step, top to bottom (`opd_step`): the method gives step k's sampler (eps_k from the blend
+schedule) -> rollouts of this rank's prompts x n under it, with per-token records -> rewards from
+math-verify -> `update`: the finished sequences in micro-batches of at most
+train.micro_batch_tokens padded tokens; per micro-batch one teacher forward (no KV cache; it also
+fills the teacher's records when the sampler did not decode with it), then the student's forward
+and the chunked reverse-KL loss to the method's target (Veto: q ~ p_T p_S^B) and its backward,
+gradients accumulating as the global token mean -> one clipped AdamW step -> metrics -> (every
+eval_every steps) eval -> (every save_every steps) checkpoint. sft_warmup first samples the
+teacher on the prompts of its first steps and runs sft_updates supervised steps on them (they
+count as steps), then OPD.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -31,16 +36,19 @@ from torch.distributed.tensor import DTensor
 
 from trb import distributed
 from trb.blend import RowSlice, compile_search
-from trb.checkpoint import list_checkpoints, load_trainer_state, restore_rng, save_checkpoint
-from trb.config import MethodConfig, TrainConfig
+from trb.checkpoint import (find_resume, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
+                            truncate_metrics)
+from trb.config import TrainConfig
 from trb.data import load_rows, render
+from trb.diagnostics import effective_temperature, rollout_metrics
 from trb.distributed import World
 from trb.evaluate import aggregate, decode_completions, encode_prompts, evaluate
 from trb.grading import Grader
-from trb.losses import chunked_distill_loss, chunked_nll_loss
+from trb.losses import Estimator, Target, chunked_distill_loss, chunked_nll_loss
+from trb.methods import Method
+from trb.microbatch import MicroBatch, Sequences, filler, response_hidden, split
 from trb.models import check_pair, load_model, prepare_run
-from trb.diagnostics import effective_temperature, rollout_metrics
-from trb.rollout import Sampler, response_hidden, rollout, teacher_scores
+from trb.rollout import Sampler, rollout, score_micro_batch
 from trb.tracking import Tracker
 
 
@@ -94,16 +102,6 @@ def encode_batch(tok, rows: list[dict], prompt, max_prompt_tokens: int, device, 
     return rows, ids[:, ids.shape[1] - width :], mask[:, mask.shape[1] - width :], int((~keep).sum())
 
 
-def make_sampler(method: MethodConfig, temperature: float, step: int, eps: float, draft_k: int = 0) -> Sampler:
-    """The behaviour policy of `method` at optimiser step `step` (eps from the blend schedule,
-    `temperature` the rollout temperature, draft_k > 0: speculative TRB sampling)."""
-    if method.name == "skd":
-        return Sampler("skd", skd_top_k=method.skd_top_k, skd_temperature=method.skd_temperature)
-    if method.name in ("trb", "fixed"):
-        return Sampler("trb", eps=eps, temperature=temperature, draft_k=draft_k)
-    return Sampler("student", temperature=temperature * method.temperature(step))
-
-
 def set_lr(cfg: TrainConfig, opt, step: int) -> None:
     for g in opt.param_groups:
         g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.decay,
@@ -117,25 +115,49 @@ def step_seed(seed: int, step: int, phase: int = 0) -> int:
 
 
 class StudentObjective(torch.nn.Module):
-    """The student and a loss on its response hidden states in one forward, so FSDP2 gathers the
-    LM head (in the root group) for the chunked loss and reduces its gradient.
+    """The student and a loss on its hidden states at one micro-batch's completion positions in
+    one forward, so FSDP2 gathers the LM head (in the root group) for the chunked loss and reduces
+    its gradient.
 
-    forward(seq, mask, prompt_len, response_mask, loss_fn) -> loss_fn(hidden [N, H], head)."""
+    forward(mb, loss_fn) -> loss_fn(hidden [N, H], head)."""
 
     def __init__(self, student: torch.nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, seq, smask, prompt_len: int, response_mask, loss_fn):
-        h_s = response_hidden(self.student, seq, smask, prompt_len, response_mask)
-        return loss_fn(h_s, self.student.get_output_embeddings())
+    def forward(self, mb: MicroBatch, loss_fn):
+        return loss_fn(response_hidden(self.student, mb), self.student.get_output_embeddings())
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one training step hands the loop: metrics of this rank, its completion tokens, the
+    prompts it found too long, and whether the step was skipped (some rank had no prompt left)."""
+
+    metrics: dict
+    tokens: int = 0
+    too_long: int = 0
+    skipped: bool = False
+
+
+@dataclasses.dataclass
+class Update:
+    """The result of `update`: global token-mean loss and estimator value, grad norm, seconds spent
+    in teacher forwards and in the rest of the update, micro-batches run."""
+
+    loss: float
+    value: float
+    grad_norm: float
+    t_teacher: float
+    t_student: float
+    micro_batches: int
 
 
 @dataclasses.dataclass
 class _Run:
     """What every step needs. objective: the trainable student (FSDP2-sharded under torchrun);
     policy: the model that samples, evaluates and is saved (the student itself in one process, its
-    full rollout copy under torchrun)."""
+    full rollout copy under torchrun); method: which sampler / target / SFT phase at each step."""
 
     cfg: TrainConfig
     world: World
@@ -148,6 +170,8 @@ class _Run:
     grader: Grader
     gen: torch.Generator
     device: torch.device
+    method: Method
+    estimator: Estimator
 
     def local_batch(self, rows: list[dict], seed: int, n: int):
         """This rank's share of a global prompt batch, encoded, and the noise source for its rows
@@ -174,37 +198,72 @@ class _Run:
             return lambda finished: distributed.all_true(finished, self.device)
         return None
 
+    def autocast(self):
+        """One process with train.compute_dtype=bfloat16: autocast the student's forward (under
+        FSDP2 the MixedPrecisionPolicy casts instead)."""
+        if self.cfg.train.compute_dtype == "float32" or self.world.distributed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def refresh_policy(self) -> None:
         if self.policy is not self.objective.student:
             distributed.copy_full_params(self.objective.student, self.policy)
 
 
-def _update(run: _Run, loss: torch.Tensor, local_tokens: int, step: int) -> tuple[float, float]:
-    """Backward + clip + AdamW on the token-mean `loss` of this rank's `local_tokens`, scaled so
-    that the gradient FSDP averages over ranks is the global token-mean gradient. Returns
-    (global loss, grad norm)."""
-    world = run.world
-    total = distributed.all_sum([float(local_tokens), float(loss.detach()) * local_tokens], run.device)
-    global_loss = total[1] / max(total[0], 1.0)
-    if not math.isfinite(global_loss):
-        raise FloatingPointError(f"non-finite loss at step {step}: training stopped; the checkpoints written so far "
-                                 f"are intact (lower optim.lr, check the models' dtypes, or resume from the last one)")
-    if world.distributed:
-        loss = loss * (local_tokens * world.size / max(total[0], 1.0))
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(run.objective.parameters(), run.cfg.optim.grad_clip or float("inf"))
+def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
+    """Forward + backward per micro-batch of `seqs` (at most train.micro_batch_tokens padded tokens
+    each), then one clipped AdamW step.
+
+    make_loss(mb, denominator) -> loss_fn(h_s, head) -> (loss, value): the loss of one micro-batch,
+    summed over its completion tokens and divided by `denominator`, so the accumulated gradient is
+    the token-mean gradient of the whole global batch (under FSDP2, which averages over ranks,
+    denominator = global tokens / world size). Every rank runs as many micro-batches as the rank
+    with the most (zero-weight filler ones), since each FSDP2 forward is a collective; gradients
+    are reduced across ranks only in the last backward. make_loss may run the teacher (its
+    seconds are timed separately)."""
+    cfg, world, dev = run.cfg, run.world, run.device
+    mbs = split(seqs, cfg.train.micro_batch_tokens, run.stop.pad_id)
+    total_tokens = distributed.all_sum([float(seqs.num_tokens)], dev)[0]
+    n_mb = distributed.all_max(len(mbs), dev)
+    denominator = max(total_tokens, 1.0) / world.size
+    set_lr(cfg, run.opt, step)
+    run.objective.train()
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    t_teacher = 0.0
+    t0 = time.time()
+    for i in range(n_mb):
+        mb = mbs[i] if i < len(mbs) else filler(seqs, run.stop.pad_id)
+        if world.distributed:
+            run.objective.set_requires_gradient_sync(i == n_mb - 1)
+        t1 = time.time()
+        loss_fn = make_loss(mb, denominator)
+        t_teacher += time.time() - t1
+        with run.autocast():
+            loss, value = run.objective(mb, loss_fn)
+        (loss * mb.weight).backward()
+        sums += torch.stack([loss.detach(), value.detach()]).double() * mb.weight
+    totals = distributed.all_sum(sums.tolist(), dev)
+    global_loss, global_value = totals[0] / world.size, totals[1] / world.size
+    gnorm = torch.nn.utils.clip_grad_norm_(run.objective.parameters(), cfg.optim.grad_clip or float("inf"))
     if isinstance(gnorm, DTensor):
         gnorm = gnorm.full_tensor()
+    gnorm = float(gnorm)
+    if not (math.isfinite(global_loss) and math.isfinite(gnorm)):
+        run.opt.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(global_loss) else "gradient norm"
+        raise FloatingPointError(f"non-finite {what} at step {step}: training stopped; the checkpoints written so "
+                                 f"far are intact (lower optim.lr, check the models' dtypes, or resume from the "
+                                 f"last one)")
     run.opt.step()
+    run.opt.zero_grad(set_to_none=True)  # no gradients are held while the next step decodes
     run.refresh_policy()
-    return global_loss, float(gnorm)
+    return Update(global_loss, global_value, gnorm, t_teacher, time.time() - t0 - t_teacher, n_mb)
 
 
-def build_sft_pool(run: _Run, train_rows, log) -> list:
+def build_sft_pool(run: _Run, train_rows, log) -> list[Sequences]:
     """sft_warmup: teacher samples (method.sft_samples per prompt) for the prompts of the first
     method.sft_prompt_steps steps (the same prompt stream the other methods see), one entry per
-    step: (sequence ids, attention mask, prompt length, response mask); this rank's share."""
+    step; this rank's share."""
     cfg, m = run.cfg, run.cfg.method
     t0 = time.time()
     stream = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
@@ -218,122 +277,108 @@ def build_sft_pool(run: _Run, train_rows, log) -> list:
         ro = rollout(run.policy, run.teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens,
                      sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=run.stop,
                      generator=noise, n=m.sft_samples, lockstep=run.lockstep)
-        seq, smask = ro.sequences()
-        pool.append((seq, smask, ids.shape[1], ro.response_mask))
-    n_seq = sum(distributed.gather(sum(p[0].shape[0] for p in pool)))
+        pool.append(Sequences(ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.response_mask))
+    n_seq = sum(distributed.gather(sum(p.tokens.shape[0] for p in pool)))
     log(f"sft_warmup: {n_seq} teacher samples for the prompts of {len(pool)} steps in {time.time() - t0:.1f} s; "
         f"{m.sft_updates} SFT updates, then OPD")
     return pool
 
 
-def sft_step(run: _Run, batch, step: int) -> dict:
+def sft_step(run: _Run, seqs: Sequences, step: int) -> StepResult:
     """One supervised update on teacher samples (token-mean NLL of the teacher's tokens)."""
     t0 = time.time()
-    cfg, stop = run.cfg, run.stop
-    seq, smask, prompt_len, m = batch
-    run.objective.train()
-    set_lr(cfg, run.opt, step)
-    targets = seq[:, prompt_len:][m]
+    target = Target(tuple(run.stop.stop_ids), run.stop.emit_id)
 
-    def nll(h_s, head):
-        return chunked_nll_loss(h_s, head, targets, stop_ids=stop.stop_ids, canonical_stop=stop.emit_id,
-                                chunk_size=cfg.loss.chunk_size)
+    def make_loss(mb: MicroBatch, denominator: float):
+        tokens = seqs.tokens[mb.rows, mb.cols]
 
-    loss = run.objective(seq, smask, prompt_len, m, nll)
-    loss_value, gnorm = _update(run, loss, int(m.sum()), step)
-    return {"loss": loss_value, "sft/nll": loss_value, "sft/active": 1.0, "eps": 0.0,
-            "grad_norm": gnorm, "lr": run.opt.param_groups[0]["lr"], "time/step": time.time() - t0,
-            "rollout/length": float(m.sum(1).float().mean()), "_tokens": int(m.sum())}
+        def nll(h_s, head):
+            loss = chunked_nll_loss(h_s, head, tokens, target, chunk_size=run.cfg.loss.chunk_size,
+                                    denominator=denominator)
+            return loss, loss.detach()
+        return nll
+
+    up = update(run, seqs, make_loss, step)
+    return StepResult({"loss": up.loss, "sft/nll": up.loss, "sft/active": 1.0, "eps": 0.0, "grad_norm": up.grad_norm,
+                       "lr": run.opt.param_groups[0]["lr"], "time/step": time.time() - t0,
+                       "train/micro_batches": up.micro_batches,
+                       "rollout/length": float(seqs.response_mask.sum(1).float().mean())}, tokens=seqs.num_tokens)
 
 
-def opd_step(run: _Run, rows: list[dict], step: int, eps: float, veto_b: float) -> dict:
+def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
     """One on-policy distillation step under the method's sampler: rollouts (this rank's share of
-    the prompts), rewards, teacher scores, loss, update. Returns the step's metrics for this rank
-    ({"_skipped_step": True, ...} when a rank had no prompt that fits max_prompt_tokens)."""
+    the prompts), rewards, then `update` (teacher scoring and the student's loss, micro-batch by
+    micro-batch)."""
     t0 = time.time()
     cfg, stop, teacher = run.cfg, run.stop, run.teacher
     batch, too_long = run.local_batch(rows, step_seed(cfg.seed, step), cfg.rollout.n)
     if batch is None:
-        return {"_skipped_step": True, "_too_long": too_long}
+        return StepResult({}, too_long=too_long, skipped=True)
     rows, ids, mask, noise = batch
-    n = cfg.rollout.n
-    golds = [r["gold"] for r in rows for _ in range(n)]
+    golds = [r["gold"] for r in rows for _ in range(cfg.rollout.n)]
 
     # 1. rollouts under the behaviour policy (each prompt prefilled once for its n samples)
     run.policy.eval()
-    sampler = make_sampler(cfg.method, cfg.rollout.temperature, step, eps, cfg.rollout.draft_k)
+    sampler = run.method.sampler(step)
     ro = rollout(run.policy, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
-                 stop=stop, generator=noise, n=n, lockstep=run.lockstep, static_cache=cfg.rollout.static_cache,
-                 compile_step=cfg.rollout.compile_step)
+                 stop=stop, generator=noise, n=cfg.rollout.n, lockstep=run.lockstep,
+                 static_cache=cfg.rollout.static_cache, compile_step=cfg.rollout.compile_step)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     rewards = (run.grader.grade(decode_completions(run.tok, ro.tokens, ro.response_mask), golds)
                if all(g is not None for g in golds) else [])
     t_grade = time.time()
 
-    # 2. teacher forward over the finished sequences (one prefill; fills in the teacher's records
-    # when the sampler did not decode with it)
-    seq, smask = ro.sequences()
-    m = ro.response_mask
-    tokens = ro.tokens[m]
-    h_t = teacher_scores(teacher, ro, stop)
-    t_teacher = time.time()
+    # 2. per micro-batch: teacher forward (fills the teacher's records when it did not decode), then
+    # the student's loss to the method's target; one optimiser step
+    target = Target(tuple(stop.stop_ids), stop.emit_id, run.method.veto_b(step))
+    teacher_head = teacher.get_output_embeddings()
 
-    # 3. student forward + loss + update
-    run.objective.train()
-    set_lr(cfg, run.opt, step)
+    def make_loss(mb: MicroBatch, denominator: float):
+        h_t = score_micro_batch(teacher, ro, mb, stop)
+        tokens, behavior = ro.tokens[mb.rows, mb.cols], ro.behavior_logp[mb.rows, mb.cols]
+        return lambda h_s, head: chunked_distill_loss(h_s, head, h_t, teacher_head, run.estimator, target,
+                                                      tokens=tokens, behavior_logprobs=behavior,
+                                                      chunk_size=cfg.loss.chunk_size, denominator=denominator)
 
-    def distill(h_s, head):  # -> (loss, detached estimator value)
-        return chunked_distill_loss(
-            h_s, head, h_t, teacher.get_output_embeddings(),
-            estimator=cfg.loss.estimator, k=cfg.loss.k, topk_baseline=cfg.loss.topk_baseline, tokens=tokens,
-            behavior_logprobs=ro.behavior_logp[m], importance_weight=cfg.loss.importance_weight, veto_b=veto_b,
-            stop_ids=stop.stop_ids, canonical_stop=stop.emit_id, chunk_size=cfg.loss.chunk_size,
-        )
-
-    loss, kl_value = run.objective(seq, smask, ids.shape[1], m, distill)
-    n_tok = int(m.sum())
-    loss_value, gnorm = _update(run, loss, n_tok, step)
+    up = update(run, ro, make_loss, step)
     t_end = time.time()
-
-    return {
-        "loss": loss_value,
-        "kl_estimate": float(kl_value),
-        "grad_norm": gnorm,
+    n_tok = int(ro.response_mask.sum())
+    seq_tokens = int(ro.prompt_mask.sum()) + n_tok
+    return StepResult({
+        "loss": up.loss,
+        "kl_estimate": up.value,
+        "grad_norm": up.grad_norm,
         "lr": run.opt.param_groups[0]["lr"],
         **rollout_metrics(ro, rewards, sampler.eps, effective_temperature(sampler)),
-        "veto/b": veto_b,
+        "veto/b": target.veto_b,
         "sft/active": 0.0,
+        "train/micro_batches": up.micro_batches,
         "time/rollout": t_roll - t0,
         "time/grade": t_grade - t_roll,
-        "time/teacher": t_teacher - t_grade,
-        "time/update": t_end - t_teacher,
+        "time/teacher": up.t_teacher,
+        "time/update": up.t_student,
         "time/step": t_end - t0,
         "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
-        "throughput/train_tok_s": int(smask.sum()) / max(t_end - t_grade, 1e-9),
-        "_too_long": too_long,
-        "_tokens": n_tok,
-    }
+        "throughput/train_tok_s": seq_tokens / max(t_end - t_grade, 1e-9),
+    }, tokens=n_tok, too_long=too_long)
 
 
-def reduce_metrics(metrics: dict) -> dict:
-    """One record from every rank's step metrics: token-weighted mean of kl_estimate, sums of the
-    throughputs, the slowest rank's times, rank 0's value of the keys that are already global
-    (loss, grad_norm, lr, eps, ...), the plain mean of the rest. Single process: the metrics
-    without private keys."""
-    parts = distributed.gather(metrics)
+def reduce_metrics(result: StepResult) -> dict:
+    """One record from every rank's step metrics: sums of the throughputs, the slowest rank's
+    times, rank 0's value of the keys that are already global (loss, kl_estimate, grad_norm, lr,
+    eps, ...), the plain mean of the rest. Single process: the metrics."""
+    parts = distributed.gather(result.metrics)
     if len(parts) == 1:
-        return {k: v for k, v in metrics.items() if not k.startswith("_")}
-    tokens = [p.get("_tokens", 0) for p in parts]
+        return dict(result.metrics)
     out = {}
-    for key, value in metrics.items():
-        if key.startswith("_") or not isinstance(value, (int, float)):
+    for key, value in result.metrics.items():
+        if not isinstance(value, (int, float)):
             continue
         vals = [float(p[key]) for p in parts if key in p]
-        if key in ("loss", "grad_norm", "lr", "eps", "veto/b", "sft/active", "sft/nll"):
+        if key in ("loss", "kl_estimate", "grad_norm", "lr", "eps", "veto/b", "sft/active", "sft/nll",
+                   "train/micro_batches"):
             out[key] = vals[0]
-        elif key == "kl_estimate":
-            out[key] = sum(v * w for v, w in zip(vals, tokens)) / max(sum(tokens), 1)
         elif key.startswith("throughput/"):
             out[key] = sum(vals)
         elif key.startswith("time/"):
@@ -344,60 +389,6 @@ def reduce_metrics(metrics: dict) -> dict:
 
 
 _TEACHER_MODE = {"replicate": "replicated", "shard": "sharded"}
-_RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device", "parallel")
-
-
-def find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: resume=PATH, or (auto) the run dir's last complete one.
-
-    A run dir whose train_config.json describes a different run (in any key but those of
-    _RESUMABLE_IGNORED: resume, keep_last, logger, output_dir, threads, device, parallel) is
-    refused rather than mixed with this one."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume).expanduser()
-        if not (path / "trainer_state.pt").exists():
-            raise FileNotFoundError(f"resume={cfg.resume!r} is not a trb checkpoint (no trainer_state.pt); give a "
-                                    f"run_dir/checkpoints/step_NNNNNN folder, resume=auto or resume=never")
-        return path
-    ckpts = [c for c in list_checkpoints(run_dir) if (c / "trainer_state.pt").exists()]
-    if not ckpts:
-        return None
-    saved_path = run_dir / "train_config.json"
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_IGNORED and saved.get(k) != now.get(k))
-        if diff:
-            raise ValueError(f"the run dir {run_dir} holds a different run (its train_config.json differs in: "
-                             f"{', '.join(diff)}); use another output_dir / hydra.run.dir, or resume=never to "
-                             f"overwrite it")
-    return ckpts[-1]
-
-
-def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
-    """Drop metrics.jsonl records written after the checkpoint at `step` (they are recomputed);
-    return the eval records kept. The eval at `step` itself was logged before that checkpoint was
-    saved, unless `step` is the final one (its eval runs after the loop)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    keep, evals = [], []
-    for line in path.read_text().splitlines():
-        if not line:
-            continue
-        rec = json.loads(line)
-        is_eval = "eval/accuracy" in rec
-        if (is_eval and (rec["step"] < step or (rec["step"] == step and not final))) or \
-                (not is_eval and rec["step"] < step):
-            keep.append(line)
-            if is_eval:
-                evals.append(rec)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
-    return evals
 
 
 def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
@@ -409,7 +400,18 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
     own_group = distributed.launched() and not torch.distributed.is_initialized()
     ok = False
     try:
-        summary = _train(cfg, run_dir, log)
+        world = distributed.init(cfg.device)
+        if world.distributed:
+            if cfg.prompts_per_step % world.size:
+                raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {world.size} "
+                                 f"processes: each rank samples prompts_per_step / world size prompts")
+            if not world.main:
+                log = _quiet
+            run_dir = distributed.gather(str(run_dir))[0]  # rank 0's run dir
+        check_plan(cfg, world, log)
+        session = build(cfg, world, Path(run_dir), log)
+        loop(session, log)
+        summary = finish(session, log)
         ok = True
         return summary
     finally:
@@ -417,18 +419,51 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
             distributed.finish(barrier=ok)
 
 
-def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
-    world = distributed.init(cfg.device)
-    if world.distributed:
-        if cfg.prompts_per_step % world.size:
-            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {world.size} "
-                             f"processes: each rank samples prompts_per_step / world size prompts")
-        if not world.main:
-            log = _quiet
-        run_dir = distributed.gather(str(run_dir))[0]  # rank 0's run dir
+def check_plan(cfg: TrainConfig, world: World, log) -> None:
+    """On GPUs (plan.check): the memory plan of this run, refused in seconds if it cannot fit,
+    before any weight is loaded or anything is written."""
+    from trb.models import pick_device
+
+    if not cfg.plan.check or pick_device(cfg.device).type != "cuda":
+        return
+    from trb.plan import PlanError, plan_memory
+
+    try:
+        plan = plan_memory(cfg, world_size=world.size)
+    except PlanError as err:
+        log(f"warning: no memory plan ({err}); starting without the check")
+        return
+    if not plan.fits:
+        raise ValueError(plan.refusal())
+    log(f"memory plan: peak {plan.peak_gb:.1f} GB of {plan.device_gb:.0f} GB per device ({plan.peak_phase})")
+
+
+@dataclasses.dataclass
+class _Session:
+    """A built run and its loop state."""
+
+    run: _Run
+    run_dir: Path
+    tracker: Tracker | None
+    train_rows: list
+    eval_rows: list
+    start: int
+    skipped_long: int
+    evals: list  # one record per eval run {"step": k, "eval/...": ...}
+    state: dict | None
+    resume_from: Path | None
+    sft_pool: list
+    t_start: float = 0.0
+
+
+def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
+    """Load the models, shard them, build the optimiser and method, restore a checkpoint."""
     run_dir, device = prepare_run(run_dir, cfg.threads, cfg.device)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    if device.type == "cuda" and cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -459,16 +494,16 @@ def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
     policy = student
     if world.distributed:  # the rollout copy samples and evaluates; the shards train
         policy = copy.deepcopy(student).requires_grad_(False)
+    if cfg.train.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     objective = StudentObjective(student)
     if world.distributed:
-        distributed.shard(objective, student)
+        distributed.shard(objective, student, getattr(torch, cfg.train.compute_dtype))
         if cfg.parallel.teacher == "shard":
             distributed.shard_frozen(teacher)
     opt = torch.optim.AdamW(objective.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
-    schedule = cfg.blend.schedule()
-    start, skipped_long, evals = 0, 0, []  # evals: one record per eval run {"step": k, "eval/...": ...}
-    state = None
+    start, skipped_long, evals, state = 0, 0, [], None
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         start, skipped_long = int(state["step"]), int(state.get("skipped_long", 0))
@@ -479,100 +514,112 @@ def _train(cfg: TrainConfig, run_dir: Path | str, log) -> dict:
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name) if world.main else None
     if world.main:
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    grader = Grader(workers=1)
-    run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, grader, gen, device)
-    batches = prompt_batches(train_rows, cfg.prompts_per_step, cfg.seed)
-    for _ in range(start):  # the data order continues where the checkpoint left it
-        next(batches)
-
-    def run_eval(step: int) -> None:
-        t0 = time.time()
-        res = evaluate_sharded(run, eval_rows)
-        if res and world.main:
-            res["time/eval"] = time.time() - t0
-            tracker.log(res, step)
-            log(f"step {step:5d}  eval accuracy {res['eval/accuracy']:.3f}")
-            evals.append({"step": step, **res})
-
-    def checkpoint(step: int, eps: float) -> Path:
-        opt_state = distributed.optimizer_state(objective, opt)  # collective
-        path = None
-        if world.main:
-            path = save_checkpoint(run_dir, step, policy, tok, opt_state,
-                                   {"eps": eps, "gen": gen.get_state(), "skipped_long": skipped_long}, cfg.keep_last)
-        distributed.barrier()
-        return path
-
-    method = cfg.method
-    sft_pool = build_sft_pool(run, train_rows, log) if method.name == "sft_warmup" and start < method.sft_updates \
-        else []
-    veto = method.veto_schedule() if method.name == "veto" else None
-
+    method = Method(cfg.method, cfg.blend, cfg.rollout.temperature, cfg.rollout.draft_k)
+    run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, Grader(workers=1), gen, device, method,
+               Estimator.from_config(cfg.loss))
+    sft_pool = build_sft_pool(run, train_rows, log) if method.sft(start) else []
     if state is not None:  # after every deterministic rebuild above: the RNG streams as saved
         restore_rng(state)
         gen.set_state(state["gen"])
-    else:
-        run_eval(0)
-    t_start = time.time()
+    return _Session(run, run_dir, tracker, train_rows, eval_rows, start, skipped_long, evals, state, resume_from,
+                    sft_pool)
+
+
+def _run_eval(s: _Session, step: int, log) -> None:
+    t0 = time.time()
+    res = evaluate_sharded(s.run, s.eval_rows)
+    if res and s.run.world.main:
+        res["time/eval"] = time.time() - t0
+        s.tracker.log(res, step)
+        log(f"step {step:5d}  eval accuracy {res['eval/accuracy']:.3f}")
+        s.evals.append({"step": step, **res})
+
+
+def _checkpoint(s: _Session, step: int) -> Path | None:
+    run = s.run
+    opt_state = distributed.optimizer_state(run.objective, run.opt)  # collective
+    path = None
+    if run.world.main:
+        path = save_checkpoint(s.run_dir, step, run.policy, run.tok, opt_state,
+                               {"eps": run.method.eps(step), "gen": run.gen.get_state(),
+                                "skipped_long": s.skipped_long}, run.cfg.keep_last)
+    distributed.barrier()
+    return path
+
+
+def loop(s: _Session, log) -> None:
+    """Steps start .. cfg.steps: one SFT or OPD step each, then the eval and checkpoint due."""
+    run, cfg = s.run, s.run.cfg
+    batches = prompt_batches(s.train_rows, cfg.prompts_per_step, cfg.seed)
+    for _ in range(s.start):  # the data order continues where the checkpoint left it
+        next(batches)
+    if s.state is None:
+        _run_eval(s, 0, log)
+    s.t_start = time.time()
     from tqdm import tqdm
 
-    bar = tqdm(range(start, cfg.steps), desc="train", dynamic_ncols=True, disable=None if world.main else True,
-               initial=start, total=cfg.steps)
+    bar = tqdm(range(s.start, cfg.steps), desc="train", dynamic_ncols=True,
+               disable=None if run.world.main else True, initial=s.start, total=cfg.steps)
     for step in bar:
         epoch, rows = next(batches)  # every method sees the same prompts at the same step
-        if sft_pool and step < method.sft_updates:  # SFT phase; update k uses the samples of step k mod pool
-            metrics = sft_step(run, sft_pool[step % len(sft_pool)], step)
+        if s.sft_pool and run.method.sft(step):  # SFT phase; update k uses the samples of step k mod pool
+            result = sft_step(run, s.sft_pool[step % len(s.sft_pool)], step)
         else:
-            metrics = opd_step(run, rows, step, schedule(step), veto(step) if veto else 0.0)
-        too_long = int(distributed.all_sum([float(metrics.pop("_too_long", 0))], device)[0])
-        skipped_long += too_long if cfg.rollout.long_prompts == "skip" else 0
-        if metrics.pop("_skipped_step", False):
+            result = opd_step(run, rows, step)
+        too_long = int(distributed.all_sum([float(result.too_long)], run.device)[0])
+        s.skipped_long += too_long if cfg.rollout.long_prompts == "skip" else 0
+        if result.skipped:
             log(f"step {step}: skipped (a process had no prompt within rollout.max_prompt_tokens)")
-            continue
-        metrics = reduce_metrics(metrics)
-        metrics.update({"epoch": epoch, "prompts/skipped_too_long": skipped_long,
-                        "prompts/too_long": too_long})
-        if world.main:
-            tracker.log(metrics, step)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{metrics['eps']:.4f}",
-                        reward=f"{metrics.get('rollout/reward', float('nan')):.2f}",
-                        acc=f"{evals[-1]['eval/accuracy']:.2f}" if evals else "-")
-        done = step + 1
+        else:
+            metrics = reduce_metrics(result)
+            metrics.update({"epoch": epoch, "prompts/skipped_too_long": s.skipped_long,
+                            "prompts/too_long": too_long})
+            if run.world.main:
+                s.tracker.log(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{metrics['eps']:.4f}",
+                            reward=f"{metrics.get('rollout/reward', float('nan')):.2f}",
+                            acc=f"{s.evals[-1]['eval/accuracy']:.2f}" if s.evals else "-")
+        done = step + 1  # a skipped step still counts: the eval and checkpoint due at it run
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            run_eval(done)
+            _run_eval(s, done, log)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            checkpoint(done, metrics["eps"])
-
+            _checkpoint(s, done)
     bar.close()
+
+
+def finish(s: _Session, log) -> dict:
+    """The final eval and checkpoint, summary.json; returns the summary (+ the trained model)."""
+    run, cfg, world = s.run, s.run.cfg, s.run.world
     if cfg.steps:
-        run_eval(cfg.steps)
-    ckpt = checkpoint(cfg.steps, schedule(cfg.steps))
-    grader.close()
-    replicas = distributed.gather(param_digest(policy))  # every rank's final weights, hashed
+        _run_eval(s, cfg.steps, log)
+    ckpt = _checkpoint(s, cfg.steps)
+    run.grader.close()
+    replicas = distributed.gather(param_digest(run.policy))  # every rank's final weights, hashed
+    teacher = run.teacher
     summary = {
-        "run_dir": str(run_dir),
-        "method": method.name,
+        "run_dir": str(s.run_dir),
+        "method": run.method.name,
         "blend": cfg.blend.kind,
-        "checkpoint": str(ckpt or list_checkpoints(run_dir)[-1]),
+        "checkpoint": str(ckpt or list_checkpoints(s.run_dir)[-1]),
         "steps": cfg.steps,
         "processes": world.size,
         "replica_sha256": replicas,
         "teacher_params": {"total": sum(p.numel() for p in teacher.parameters()),  # held by rank 0 (sharded: less)
                            "rank0": sum((p.to_local() if isinstance(p, DTensor) else p).numel()
                                         for p in teacher.parameters())},
-        "train_seconds": time.time() - t_start,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "accuracy_before": evals[0]["eval/accuracy"] if evals else None,
-        "accuracy_after": evals[-1]["eval/accuracy"] if evals else None,
-        "eval": evals,
-        "grading": dataclasses.asdict(grader.stats),
+        "train_seconds": time.time() - s.t_start,
+        "resumed_from": str(s.resume_from) if s.resume_from is not None else None,
+        "accuracy_before": s.evals[0]["eval/accuracy"] if s.evals else None,
+        "accuracy_after": s.evals[-1]["eval/accuracy"] if s.evals else None,
+        "eval": s.evals,
+        "grading": dataclasses.asdict(run.grader.stats),
     }
     if world.main:
-        tracker.log_artifact(ckpt, f"student-{run_dir.name}")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.finish()
+        s.tracker.log_artifact(ckpt, f"student-{s.run_dir.name}")
+        (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        s.tracker.finish()
         log(f"done: accuracy {summary['accuracy_before']} -> {summary['accuracy_after']}; checkpoint {ckpt}")
-    summary["student"] = policy  # in-process callers (tests, notebooks) get the trained model (full weights)
+    summary["student"] = run.policy  # in-process callers (tests, notebooks) get the trained model (full weights)
     return summary
 
 
