@@ -21,7 +21,9 @@ from trb.blend import RowSlice, sample_from_logprobs
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["steps=3", "prompts_per_step=4", "rollout.n=2", "eval_every=0", "save_every=2", "logger.kind=none"]
+COMMON = ["steps=3", "prompts_per_step=4", "rollout.n=2", "eval_every=0", "save_every=2", "logger.kind=none",
+          "rollout.max_prompt_tokens=60"]  # toy prompts are <= 39 tokens: nothing is skipped
+MICRO = "train.micro_batch_tokens=170"  # about two of the toy's ~80-token sequences per micro-batch
 TOL = 1e-5
 
 
@@ -66,14 +68,17 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     r1 = _run(["train", *COMMON, f"output_dir={one}"], tmp_path)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = _run(["train", *COMMON, f"output_dir={two}"], tmp_path, procs=2)
+    # 2 processes with micro-batches (gradient sync on the last; filler micro-batches where a rank has fewer)
+    r2 = _run(["train", *COMMON, MICRO, f"output_dir={two}"], tmp_path, procs=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
 
     s2 = json.loads((two / "summary.json").read_text())
     assert s2["processes"] == 2
     assert len(s2["replica_sha256"]) == 2 and len(set(s2["replica_sha256"])) == 1  # identical on both ranks
     assert json.loads((one / "summary.json").read_text())["processes"] == 1
-    # the 2-process run is the 1-process run up to float rounding
+    recs = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(x["train/micro_batches"] >= 2 and x["train/max_micro_batch_tokens"] <= 170 for x in recs)
+    # the 2-process micro-batched run is the 1-process one-shot run up to float rounding
     assert _max_diff(_weights(one, 3), _weights(two, 3)) < TOL
     l1, l2 = _losses(one), _losses(two)
     assert l1.keys() == l2.keys() == {0, 1, 2}
@@ -99,6 +104,22 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert "resuming from" in r3.stdout
     assert _max_diff(_weights(one, 3), _weights(resumed, 3)) < TOL
+
+
+def test_two_processes_in_bf16_with_activation_checkpointing(tmp_path):
+    """FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 reduce) + checkpointed layers + micro-batches:
+    trains, keeps float32 master weights (the checkpoint is float32), identical replicas."""
+    out = tmp_path / "bf16"
+    r = _run(["train", "steps=2", "prompts_per_step=4", "rollout.n=2", "eval_every=0", "logger.kind=none",
+              "rollout.max_prompt_tokens=60", MICRO, "train.activation_checkpointing=true",
+              "train.compute_dtype=bfloat16", f"output_dir={out}"], tmp_path, procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(set(summary["replica_sha256"])) == 1
+    w = _weights(out, 2)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(recs) == 2 and all(0 < x["loss"] < 10 and x["grad_norm"] > 0 for x in recs)
 
 
 def test_prompts_per_step_must_divide_across_processes(tmp_path):

@@ -151,6 +151,7 @@ class Update:
     t_teacher: float
     t_student: float
     micro_batches: int
+    max_padded_tokens: int  # the largest micro-batch's rows x width (<= train.micro_batch_tokens when set)
 
 
 @dataclasses.dataclass
@@ -229,10 +230,11 @@ def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
     set_lr(cfg, run.opt, step)
     run.objective.train()
     sums = torch.zeros(2, dtype=torch.float64, device=dev)
-    t_teacher = 0.0
+    t_teacher, widest = 0.0, 0
     t0 = time.time()
     for i in range(n_mb):
         mb = mbs[i] if i < len(mbs) else filler(seqs, run.stop.pad_id)
+        widest = max(widest, mb.padded_tokens)
         if world.distributed:
             run.objective.set_requires_gradient_sync(i == n_mb - 1)
         t1 = time.time()
@@ -257,7 +259,7 @@ def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)  # no gradients are held while the next step decodes
     run.refresh_policy()
-    return Update(global_loss, global_value, gnorm, t_teacher, time.time() - t0 - t_teacher, n_mb)
+    return Update(global_loss, global_value, gnorm, t_teacher, time.time() - t0 - t_teacher, n_mb, widest)
 
 
 def build_sft_pool(run: _Run, train_rows, log) -> list[Sequences]:
@@ -301,7 +303,7 @@ def sft_step(run: _Run, seqs: Sequences, step: int) -> StepResult:
     up = update(run, seqs, make_loss, step)
     return StepResult({"loss": up.loss, "sft/nll": up.loss, "sft/active": 1.0, "eps": 0.0, "grad_norm": up.grad_norm,
                        "lr": run.opt.param_groups[0]["lr"], "time/step": time.time() - t0,
-                       "train/micro_batches": up.micro_batches,
+                       "train/micro_batches": up.micro_batches, "train/max_micro_batch_tokens": up.max_padded_tokens,
                        "rollout/length": float(seqs.response_mask.sum(1).float().mean())}, tokens=seqs.num_tokens)
 
 
@@ -354,6 +356,7 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
         "veto/b": target.veto_b,
         "sft/active": 0.0,
         "train/micro_batches": up.micro_batches,
+        "train/max_micro_batch_tokens": up.max_padded_tokens,
         "time/rollout": t_roll - t0,
         "time/grade": t_grade - t_roll,
         "time/teacher": up.t_teacher,
@@ -381,7 +384,7 @@ def reduce_metrics(result: StepResult) -> dict:
             out[key] = vals[0]
         elif key.startswith("throughput/"):
             out[key] = sum(vals)
-        elif key.startswith("time/"):
+        elif key.startswith("time/") or key == "train/max_micro_batch_tokens":
             out[key] = max(vals)
         else:
             out[key] = sum(vals) / len(vals)
@@ -495,7 +498,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
     if world.distributed:  # the rollout copy samples and evaluates; the shards train
         policy = copy.deepcopy(student).requires_grad_(False)
     if cfg.train.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = StudentObjective(student)
     if world.distributed:
         distributed.shard(objective, student, getattr(torch, cfg.train.compute_dtype))
