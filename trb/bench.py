@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from trb.microbatch import Sequences
 from trb.rollout import Sampler, StopSpec
 from trb.rollout import rollout as _rollout
 
@@ -482,3 +483,184 @@ def bench_train(pair: str = "vocab32k", batch: int = 16, prompt_len: int = 32, n
             "new_tokens": new_tokens, "device": str(dev), "machine": machine(),
             "teacher_score_tok_s": n_tok / t_teacher, "student_update_tok_s": n_tok / t_update,
             "rollout_tok_s": n_tok / t_roll, "rollout_share": share, "loss_memory": mem}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: measured peaks per phase against trb plan
+# ---------------------------------------------------------------------------------------------
+
+# Tiny-model configurations, each phase measured in a fresh process. Shapes: (hidden, layers, heads,
+# kv heads, head_dim, ffn); rows = prompts x n; lengths in tokens.
+MEMORY_CASES = {
+    "update-fp32": dict(student=(256, 4, 4, 2, 64, 768), teacher=(256, 2, 4, 2, 64, 512), vocab=8192, prompts=4,
+                        n=2, prompt_len=64, new_tokens=448, budget=1024, chunk=256, ckpt=False, dtype="float32",
+                        phases=("update", "scoring")),
+    "update-ckpt-bf16": dict(student=(256, 8, 4, 2, 64, 768), teacher=(256, 2, 4, 2, 64, 512), vocab=8192,
+                             prompts=4, n=2, prompt_len=64, new_tokens=448, budget=2048, chunk=256, ckpt=True,
+                             dtype="bfloat16", phases=("update",)),
+    "update-8-vs-32-seqs": dict(student=(256, 4, 4, 2, 64, 768), teacher=(256, 2, 4, 2, 64, 512), vocab=8192,
+                                prompts=16, n=2, prompt_len=64, new_tokens=448, budget=1024, chunk=256, ckpt=False,
+                                dtype="float32", phases=("update",)),
+    "decode": dict(student=(128, 8, 4, 4, 64, 384), teacher=(192, 8, 4, 4, 64, 512), vocab=4096, prompts=8, n=2,
+                   prompt_len=32, new_tokens=480, budget=0, chunk=256, ckpt=False, dtype="float32", eval_batch=32,
+                   phases=("rollout", "student_rollout", "eval")),
+}
+_WARMUP = dict(student=(32, 1, 2, 1, 16, 64), teacher=(32, 1, 2, 1, 16, 64), vocab=512, prompts=2, n=2, prompt_len=8,
+               new_tokens=8, budget=32, chunk=8, eval_batch=2)
+
+
+def _case(name: str) -> dict:
+    if name == "_warmup":
+        return _WARMUP
+    return MEMORY_CASES[name]
+
+
+def _case_models(case: dict):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    def make(shape, seed):
+        h, layers, heads, kv, hd, ffn = shape
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=case["vocab"], hidden_size=h, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, tie_word_embeddings=True,
+                          max_position_embeddings=4096)
+        return AutoModelForCausalLM.from_config(cfg).eval()
+
+    return make(case["student"], 0), make(case["teacher"], 1)
+
+
+def _case_config(case: dict):
+    from trb.config import (DecodingConfig, LoggerConfig, LossConfig, ModelConfig, RolloutConfig, StepConfig,
+                            TrainConfig)
+
+    return TrainConfig(student=ModelConfig(path="bench"), teacher=ModelConfig(path="bench"),
+                       loss=LossConfig(chunk_size=case["chunk"]), logger=LoggerConfig(kind="none"),
+                       rollout=RolloutConfig(n=case["n"], max_new_tokens=case["new_tokens"],
+                                             max_prompt_tokens=case["prompt_len"]),
+                       train=StepConfig(micro_batch_tokens=case["budget"], activation_checkpointing=case["ckpt"],
+                                        compute_dtype=case["dtype"]),
+                       eval_decoding=DecodingConfig(batch=case.get("eval_batch", 8), max_new_tokens=case["new_tokens"]),
+                       prompts_per_step=case["prompts"], device="cpu")
+
+
+def planned_phase(name: str, phase: str) -> dict:
+    """trb plan's GB for one phase of a memory case (the update phase contains the teacher scoring
+    of each micro-batch: planned as the larger of the two)."""
+    from trb.plan import Shape, plan_memory
+
+    case = MEMORY_CASES[name]
+    student, teacher = _case_models(case)
+    shapes = [Shape.from_config(m.config.to_dict()) for m in (student, teacher)]
+    plan = plan_memory(_case_config(case), world_size=1, device_gb=80, student=shapes[0], teacher=shapes[1])
+    gb = plan.total(phase)
+    if phase == "update":
+        gb = max(gb, plan.total("scoring"))
+    return {"planned_gb": gb, "terms": plan.phases[phase]}
+
+
+def measure_phase(name: str, phase: str) -> dict:
+    """Run one phase of a memory case through trb's own code (in this fresh process) and return the
+    rise of peak RSS (VmHWM) over the RSS before any model existed, in GB."""
+    from trb.distributed import World
+    from trb.losses import Estimator, Target, chunked_distill_loss
+    from trb.methods import Method
+
+    from trb.rollout import score_micro_batch, teacher_scores
+    from trb.train import StudentObjective, _Run, update
+
+    torch.set_num_threads(1)
+    if not name.startswith("_"):  # imports, kernels and library buffers first-used by the phase's code
+        # belong to the process, not to the phase: run a miniature case once before the baseline
+        measure_phase("_warmup", phase)
+        gc.collect()
+    base = _rss_mb()
+    case = _case(name)
+    if name == "_warmup":  # the miniature case runs with the real case's settings (ckpt, dtype)
+        real = next(c for c in MEMORY_CASES.values() if phase in c["phases"])
+        case = {**_WARMUP, "ckpt": real["ckpt"], "dtype": real["dtype"]}
+    cfg = _case_config(case)
+    student, teacher = _case_models(case)
+    teacher.requires_grad_(False)
+    v = case["vocab"]
+    stop = StopSpec(stop_ids=[v + 1], emit_id=v + 1, pad_id=0)  # never sampled: every row runs to full length
+    g = torch.Generator().manual_seed(0)
+    rows, p_len, t_len = case["prompts"] * case["n"], case["prompt_len"], case["new_tokens"]
+    prompt = torch.randint(1, v, (rows, p_len), generator=g)
+    seqs = Sequences(prompt, torch.ones_like(prompt), torch.randint(1, v, (rows, t_len), generator=g),
+                     torch.ones(rows, t_len, dtype=torch.bool))
+    objective = StudentObjective(student)
+    if cfg.train.activation_checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-5)
+    run = _Run(cfg, World(), objective, student, teacher, None, opt, stop, None, g, torch.device("cpu"),
+               Method(cfg.method, cfg.blend), Estimator.from_config(cfg.loss))
+
+    def make_loss(mb, denominator):
+        ro = _FakeRollout(seqs)
+        h_t = score_micro_batch(teacher, ro, mb, stop)
+        return lambda h_s, head: chunked_distill_loss(h_s, head, h_t, teacher.get_output_embeddings(),
+                                                      run.estimator, Target(), chunk_size=cfg.loss.chunk_size,
+                                                      denominator=denominator)
+
+    update(run, seqs, make_loss, 0)  # AdamW state exists from here on, as in every step after the first
+    gc.collect()
+    _reset_hwm()
+    if phase == "update":
+        update(run, seqs, make_loss, 1)
+    elif phase == "scoring":
+        for p in objective.parameters():  # the gradients the update holds while the teacher scores
+            p.grad = torch.zeros_like(p)
+        _reset_hwm()
+        teacher_scores(teacher, _FakeRollout(seqs), stop, cfg.train.micro_batch_tokens)
+    elif phase in ("rollout", "student_rollout", "eval"):
+        n_rows = case.get("eval_batch", 8) if phase == "eval" else case["prompts"]
+        ids = torch.randint(1, v, (n_rows, p_len), generator=g)
+        sampler = Sampler("trb", eps=0.01) if phase == "rollout" else Sampler("student")
+        _rollout(student, teacher if phase == "rollout" else None, ids, torch.ones_like(ids), max_new_tokens=t_len,
+                 sampler=sampler, stop=stop, generator=torch.Generator().manual_seed(0),
+                 n=1 if phase == "eval" else case["n"])
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    return {"measured_gb": (_hwm_mb() - base) * 2**20 / 1e9}
+
+
+class _FakeRollout(Sequences):
+    """Sequences with empty teacher records (the scoring phase fills them, as after a student-only rollout)."""
+
+    def __init__(self, seqs):
+        super().__init__(seqs.prompt_ids, seqs.prompt_mask, seqs.tokens, seqs.response_mask)
+        self.teacher_decoded = False
+        self.teacher_logp = torch.full(seqs.tokens.shape, float("nan"))
+        self.teacher_entropy = torch.full(seqs.tokens.shape, float("nan"))
+
+
+def bench_memory(cases=None, log=print) -> dict:
+    """Each (case, phase) measured in a fresh process (MALLOC_MMAP_THRESHOLD_=65536, so freed blocks
+    go back to the OS) against trb plan's prediction; prints measured / planned."""
+    import subprocess
+    import sys
+
+    rows = []
+    for name in cases or MEMORY_CASES:
+        for phase in MEMORY_CASES[name]["phases"]:
+            code = ("import json,torch; torch.set_num_threads(1); from trb.bench import measure_phase; "
+                    f"print(json.dumps(measure_phase({name!r}, {phase!r})))")
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+            if r.returncode != 0:
+                raise RuntimeError(f"memory case {name}/{phase} failed: {r.stderr[-1500:]}")
+            measured = json.loads(r.stdout.strip().splitlines()[-1])["measured_gb"]
+            planned = planned_phase(name, phase)
+            row = {"case": name, "phase": phase, "measured_gb": measured, "planned_gb": planned["planned_gb"],
+                   "ratio": measured / planned["planned_gb"], "seconds": time.time() - t0,
+                   "terms_gb": planned["terms"]}
+            rows.append(row)
+            log(f"{name:<22} {phase:<16} measured {measured:7.3f} GB  planned {planned['planned_gb']:7.3f} GB  "
+                f"ratio {row['ratio']:.2f}")
+    out = {"kind": "memory", "pair": "tiny", "machine": machine(), "rows": rows}
+    by = {(r["case"], r["phase"]): r["measured_gb"] for r in rows}
+    if ("update-fp32", "update") in by and ("update-8-vs-32-seqs", "update") in by:
+        out["flat_ratio_32_vs_8_sequences"] = by[("update-8-vs-32-seqs", "update")] / by[("update-fp32", "update")]
+        log(f"update peak, 32 vs 8 sequences at the same token budget: {out['flat_ratio_32_vs_8_sequences']:.3f}")
+    return out

@@ -3,6 +3,7 @@
     trb train [overrides]        distil (see `trb train --help`)
     trb eval [overrides]         score checkpoints (see `trb eval --help`)
     trb rollout [overrides]      sample under a behaviour policy, no training (`trb rollout --help`)
+    trb plan [overrides]         memory per device of each phase of a step (no weights loaded)
     trb report RUN_OR_SWEEP...   compare runs: accuracy curves, schedule plots, a markdown table
     trb toy build [--out DIR]    rebuild the embedded toy models bit for bit
 
@@ -176,6 +177,30 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
     run_hydra(name, list(ctx.args), task)
 
 
+@app.command("plan", **HYDRA_ARGS)
+def plan_cmd(ctx: typer.Context) -> None:
+    """Predict the peak memory per device of each phase of a training step (the same overrides as
+    trb train; no weights loaded): a table and plan.json; exit 0 if it fits, 1 if not."""
+    from trb.config import TrainConfig
+    from trb.plan import PlanError, run_plan
+
+    codes: list[int] = []
+
+    def task(cfg, run_dir: Path) -> None:
+        typed = to_schema(cfg, TrainConfig)
+        try:
+            codes.append(run_plan(typed, Path(typed.output_dir) if typed.output_dir else run_dir, log=typer.echo))
+        except PlanError as err:
+            raise UserError(str(err)) from None
+
+    args = list(ctx.args)
+    if not any(a.startswith(("hydra.run.dir=", "output_dir=")) for a in args):
+        args.append("hydra.run.dir=outputs/plan/${now:%Y-%m-%d_%H-%M-%S}")
+    run_hydra("train", args, task)
+    if codes and max(codes):
+        raise typer.Exit(code=1)
+
+
 @app.command("eval", **HYDRA_ARGS)
 def eval_cmd(ctx: typer.Context) -> None:
     """Score checkpoints: pass@k / maj@k graded with math-verify (Hydra overrides; `trb eval --help`)."""
@@ -269,6 +294,23 @@ def bench_train_cmd(
 
     try:
         res = bench_train(pair, batch, prompt_len, new_tokens, repeats, device, threads, log=typer.echo)
+    except (RuntimeError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {write_result(res, out)}")
+
+
+@bench_app.command("memory")
+def bench_memory_cmd(
+    cases: str = typer.Option("", help="Cases, comma-separated (default: all of trb.bench.MEMORY_CASES)."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/memory_TIME.json)."),
+) -> None:
+    """Measured peak memory of each phase (tiny models, a fresh process each, VmHWM) against trb plan:
+    measured / planned per phase, and the update's peak for 32 vs 8 sequences at one token budget."""
+    from trb.bench import bench_memory, write_result
+
+    try:
+        res = bench_memory([c for c in cases.split(",") if c] or None, log=typer.echo)
     except (RuntimeError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None

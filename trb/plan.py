@@ -1,0 +1,328 @@
+"""`trb plan`: the peak memory per device of each phase of a training step, from model shapes alone.
+
+    trb plan experiment=paper_0.6b_4b plan.world_size=8 plan.device_gb=80
+    trb plan train.micro_batch_tokens=16384 ...     # the same overrides as trb train
+
+No weights are loaded: the shapes come from the models' config.json (a local folder, the Hugging
+Face cache, the toy models, or the small shape files shipped in trb/assets/shapes that the paper
+presets name in student.shape / teacher.shape). The plan is a model of trb's code, phase by phase:
+
+  rollout          both models decode (eps > 0, SKD, SFT teacher samples): KV caches of every local
+                   row at full length (the decoder holds all rows to the end), vocabulary-wide blend
+                   temporaries, one prompt prefill
+  student_rollout  the student decodes alone (eps = 0)
+  scoring          one teacher forward over a micro-batch (no KV cache), while the gradients of the
+                   update are held
+  update           the student's forward + backward over one micro-batch: saved activations (all
+                   layers, or the layer inputs with activation checkpointing plus one recomputed
+                   layer), the chunked loss's [chunk, V] temporaries, gradients
+  eval             the periodic eval: decoding.batch rows of the rollout copy decoding
+
+Every phase also holds the persistent state: student weights (FSDP2 shards), AdamW state, the
+rollout copy (several processes), the teacher (replicated or sharded). Byte counts per token of
+the saved activations were read off transformers' Qwen3 decoder layer with saved-tensor hooks
+(tests/test_plan.py re-derives them); other architectures are planned with the same counts.
+`trb bench memory` checks the plan against measured peaks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GB = 1e9
+SHAPES = Path(__file__).parent / "assets" / "shapes"
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# saved activations of one Qwen3 decoder layer per token, in bytes, as coefficients of
+# (hidden, q width = heads x head_dim, kv width = kv_heads x head_dim, ffn, heads, kv_heads, 1)
+ACT_FP32 = (24, 16, 16, 16, 8, 4, 8)  # float32 weights and compute
+ACT_AUTOCAST = (26, 10, 10, 8, 8, 4, 8)  # float32 weights under bf16 autocast (one process)
+ACT_BF16 = (16, 10, 10, 8, 6, 6, 8)  # bf16 parameters (FSDP2 MixedPrecisionPolicy)
+# [chunk, V] float32 temporaries alive at the peak of one loss chunk's recompute + backward, and
+# [rows, V] float64-equivalent temporaries of one decoding step (log-softmax, blend, search)
+LOSS_VOCAB_TENSORS = 6
+SCORE_VOCAB_TENSORS = 3  # teacher log-probs + entropy of 1,024 positions when the teacher did not decode
+DECODE_VOCAB_TENSORS = {"blend": 10, "student": 4}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (a model's shape is unknown); the message says what to set."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a model's config.json."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict) -> Shape:
+        heads = c["num_attention_heads"]
+        return cls(vocab=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                   kv_heads=c.get("num_key_value_heads") or heads,
+                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, ffn=c["intermediate_size"],
+                   tied=bool(c.get("tie_word_embeddings", False)))
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        h = self.hidden
+        return 2 * h * self.q + 2 * h * self.kv + 3 * h * self.ffn + 2 * h + 2 * self.head_dim
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.head_params * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
+
+    def kv_bytes(self, dtype_bytes: int) -> int:
+        """KV cache bytes per token (all layers)."""
+        return self.layers * 2 * self.kv * dtype_bytes
+
+    def act_bytes(self, coef) -> float:
+        """Saved activations of one decoder layer per token."""
+        return sum(a * x for a, x in zip(coef, (self.hidden, self.q, self.kv, self.ffn, self.heads,
+                                                self.kv_heads, 1)))
+
+
+def _read_config(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def load_shape(model, role: str) -> Shape:
+    """The shape of `model` (a ModelConfig): its folder's or the HF cache's config.json, else
+    model.shape (a config.json path or a name in trb/assets/shapes)."""
+    path = model.path
+    if path.startswith("toy:"):
+        from trb.models import resolve_path
+
+        path = resolve_path(model, role)
+    folder = Path(path).expanduser()
+    if (folder / "config.json").exists():
+        return Shape.from_config(_read_config(folder / "config.json"))
+    if not path.startswith((".", "/", "~")) and path.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(path, "config.json")
+        except Exception:  # noqa: BLE001 (no hub library or a malformed id: fall through to model.shape)
+            hit = None
+        if isinstance(hit, str):
+            return Shape.from_config(_read_config(Path(hit)))
+    if model.shape:
+        f = Path(model.shape).expanduser()
+        f = f if f.suffix == ".json" else SHAPES / f"{model.shape}.json"
+        if not f.exists():
+            names = ", ".join(sorted(p.stem for p in SHAPES.glob("*.json")))
+            raise PlanError(f"{role}.shape={model.shape!r} is neither a config.json file nor a shipped shape "
+                            f"({names})")
+        return Shape.from_config(_read_config(f))
+    raise PlanError(f"no config.json for {role}.path={model.path!r} (not a local folder, not in the Hugging Face "
+                    f"cache): set {role}.shape=/path/to/config.json or one of the shipped shapes")
+
+
+@dataclass
+class Plan:
+    world_size: int
+    device_gb: float
+    reserve_gb: float
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> GB
+    skipped: dict[str, str] = field(default_factory=dict)  # phase -> why it never runs in this config
+
+    def total(self, phase: str) -> float:
+        return sum(self.phases[phase].values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.total)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.total(self.peak_phase)
+
+    @property
+    def usable_gb(self) -> float:
+        return self.device_gb - self.reserve_gb
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gb <= self.usable_gb
+
+    def failing(self) -> list[str]:
+        return [p for p in self.phases if self.total(p) > self.usable_gb]
+
+    def to_json(self) -> dict:
+        return {"world_size": self.world_size, "device_gb": self.device_gb, "reserve_gb": self.reserve_gb,
+                "phases": {p: round(self.total(p), 3) for p in self.phases},
+                "terms": {p: {k: round(v, 3) for k, v in t.items()} for p, t in self.phases.items()},
+                "skipped": self.skipped, "peak_phase": self.peak_phase, "peak_gb": round(self.peak_gb, 3),
+                "fits": self.fits, "failing": self.failing()}
+
+    def table(self) -> str:
+        lines = [f"memory plan per device: {self.world_size} process(es), {self.device_gb:g} GB per device "
+                 f"({self.reserve_gb:g} GB kept free)", f"{'phase':<16} {'GB':>8}  fits  main terms (GB)"]
+        for p in self.phases:
+            terms = sorted(self.phases[p].items(), key=lambda kv: -kv[1])
+            main = ", ".join(f"{k} {v:.2f}" for k, v in terms if v >= 0.005)
+            lines.append(f"{p:<16} {self.total(p):8.2f}  {'yes ' if self.total(p) <= self.usable_gb else 'NO  '}  {main}")
+        for p, why in self.skipped.items():
+            lines.append(f"{p:<16} {'-':>8}  -     not run: {why}")
+        lines.append(f"peak {self.peak_gb:.2f} GB ({self.peak_phase}): "
+                     + ("fits" if self.fits else f"does NOT fit in {self.usable_gb:g} GB"))
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        bad = self.failing()
+        knobs = []
+        if "update" in bad or "scoring" in bad:
+            knobs.append("train.micro_batch_tokens (smaller), train.activation_checkpointing=true, "
+                         "train.compute_dtype=bfloat16, loss.chunk_size (smaller)")
+        if "rollout" in bad or "student_rollout" in bad:
+            knobs.append("prompts_per_step (fewer rows per device), rollout.max_new_tokens, "
+                         "parallel.teacher=shard, more processes (torchrun --nproc_per_node)")
+        if "eval" in bad:
+            knobs.append("eval_decoding.batch, eval_decoding.max_new_tokens")
+        worst = ", ".join(f"{p} {self.total(p):.1f} GB" for p in bad)
+        return (f"the memory plan does not fit: {worst} per device > {self.usable_gb:g} GB usable "
+                f"({self.device_gb:g} GB - plan.reserve_gb); change {'; '.join(knobs)} "
+                f"(see `trb plan` with the same overrides; plan.check=false skips this check)")
+
+
+def _gb(x: float) -> float:
+    return x / GB
+
+
+def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape | None = None,
+                teacher: Shape | None = None) -> Plan:
+    """The plan of a TrainConfig `cfg` (see the module docstring). world_size / device_gb: 0 takes
+    cfg.plan's, then the launch's WORLD_SIZE (else 1) and the visible GPU's memory (else 80 GB)."""
+    import os
+
+    w = world_size or cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    dev_gb = device_gb or cfg.plan.device_gb or _visible_gpu_gb() or 80.0
+    s = student or load_shape(cfg.student, "student")
+    t = teacher or load_shape(cfg.teacher, "teacher")
+    plan = Plan(world_size=w, device_gb=dev_gb, reserve_gb=cfg.plan.reserve_gb)
+    b_s, b_t = _BYTES[cfg.student.dtype], _BYTES[cfg.teacher.dtype]
+    bf16 = cfg.train.compute_dtype == "bfloat16"
+    dist = w > 1
+    ro = cfg.rollout
+    rows = cfg.prompts_per_step // w * ro.n
+    prompts = cfg.prompts_per_step // w
+    length = ro.max_prompt_tokens + ro.max_new_tokens
+    batch_tokens = rows * length  # the largest padded batch of a step
+    mb = min(cfg.train.micro_batch_tokens or batch_tokens, batch_tokens)
+    mb_rows = max(1, mb // length) if cfg.train.micro_batch_tokens else rows
+    n_resp = mb_rows * ro.max_new_tokens  # completion tokens in one micro-batch (at most)
+
+    # persistent state
+    base = {"student weights": _gb(s.params * b_s / w), "AdamW state": _gb(2 * s.params * b_s / w)}
+    if dist:
+        base["rollout copy"] = _gb(s.params * b_s)
+    if dist and cfg.parallel.teacher == "shard":
+        head = t.head_params * b_t
+        base["teacher weights"] = _gb((t.params * b_t - (0 if t.tied else head)) / w + head)
+    else:
+        base["teacher weights"] = _gb(t.params * b_t)
+    grads = {"gradients": _gb(s.params * 4 / w)}
+    if dist and cfg.train.micro_batch_tokens and mb < batch_tokens:  # no reduce-scatter until the last micro-batch
+        grads["unsharded gradients (accumulating)"] = _gb(s.params * 4)
+    if dist and bf16:
+        grads["gathered bf16 layers + root"] = _gb(2 * (2 * s.layer_params + s.head_params))
+    elif bf16:
+        grads["autocast bf16 weight copies"] = _gb(2 * s.params)
+    policy_b = b_s  # the rollout copy (and the one-process student) decodes in the trained dtype today
+
+    # decoding phases
+    def decode(kv_terms: dict, vocab_rows: int, kind: str, prefill_rows: int) -> dict:
+        widest = max(s.hidden, t.hidden if kind == "blend" else 0)
+        ffn = max(s.ffn, t.ffn if kind == "blend" else 0)
+        return {**base, **kv_terms,
+                "vocabulary temporaries": _gb(DECODE_VOCAB_TENSORS[kind] * vocab_rows * s.vocab * 8),
+                "prefill activations": _gb(prefill_rows * ro.max_prompt_tokens * (4 * widest + 3 * ffn) * 4)}
+
+    kv_s = rows * length * s.kv_bytes(policy_b)
+    kv_t = rows * length * t.kv_bytes(b_t)
+    teacher_decodes = cfg.method.name in ("trb", "fixed", "skd", "sft_warmup") and (
+        cfg.method.name != "trb" or cfg.blend.kind != "none")
+    if teacher_decodes:
+        plan.phases["rollout"] = decode({"student KV cache": _gb(kv_s), "teacher KV cache": _gb(kv_t)}, rows,
+                                        "blend", prompts)
+    else:
+        plan.skipped["rollout"] = f"method={cfg.method.name} never decodes with the teacher"
+    plan.phases["student_rollout"] = decode({"student KV cache": _gb(kv_s)}, rows, "student", prompts)
+
+    # teacher scoring of one micro-batch (inference: one layer's temporaries at a time), gradients held
+    score = {**base, **grads,
+             "teacher layer temporaries": _gb(mb * (4 * t.hidden + t.q + 2 * t.kv + 3 * t.ffn) * b_t),
+             "teacher hidden states": _gb(mb * t.hidden * b_t + n_resp * t.hidden * b_t),
+             "teacher scoring logits": _gb(SCORE_VOCAB_TENSORS * min(n_resp, 1024) * t.vocab * 4)}
+    plan.phases["scoring"] = score
+
+    # the student's forward + backward of one micro-batch
+    res_b = 2 if (bf16 and dist) else b_s  # the residual stream's dtype
+    coef = (ACT_BF16 if dist else ACT_AUTOCAST) if bf16 else ACT_FP32
+    if cfg.train.activation_checkpointing:
+        acts = {"checkpointed layer inputs": _gb(s.layers * mb * s.hidden * res_b),
+                "one recomputed layer": _gb(mb * s.act_bytes(coef))}
+    else:
+        acts = {"saved activations": _gb(s.layers * mb * s.act_bytes(coef))}
+    chunk = min(cfg.loss.chunk_size, n_resp)
+    update = {**base, **grads, **acts,
+              "backward working set": _gb(mb * (2 * s.ffn + 4 * s.hidden) * 4),
+              "final norm + hidden states": _gb(mb * 3 * s.hidden * 4 + n_resp * (s.hidden * 4 + t.hidden * b_t)),
+              "loss chunk [chunk, V]": _gb(LOSS_VOCAB_TENSORS * chunk * s.vocab * 4)}
+    plan.phases["update"] = update
+
+    # periodic eval: decoding.batch rows of the rollout copy, prompts up to max_prompt_tokens
+    d = cfg.eval_decoding
+    eval_rows = d.batch
+    plan.phases["eval"] = {**base,
+                           "student KV cache": _gb(eval_rows * (ro.max_prompt_tokens + d.max_new_tokens)
+                                                   * s.kv_bytes(policy_b)),
+                           "vocabulary temporaries": _gb(DECODE_VOCAB_TENSORS["student"] * eval_rows * s.vocab * 8),
+                           "prefill activations": _gb(eval_rows * ro.max_prompt_tokens * (4 * s.hidden + 3 * s.ffn)
+                                                      * 4)}
+    return plan
+
+
+def _visible_gpu_gb() -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GB
+    except Exception:  # noqa: BLE001
+        return 0.0
+    return 0.0
+
+
+def run_plan(cfg, out_dir: Path | str, log=print) -> int:
+    """`trb plan`: print the table, write plan.json into out_dir; 0 when it fits, 1 otherwise."""
+    plan = plan_memory(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    log(plan.table())
+    if not plan.fits:
+        log(f"error: {plan.refusal()}")
+        return 1
+    return 0
