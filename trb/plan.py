@@ -182,7 +182,8 @@ class Plan:
         for p in self.phases:
             terms = sorted(self.phases[p].items(), key=lambda kv: -kv[1])
             main = ", ".join(f"{k} {v:.2f}" for k, v in terms if v >= 0.005)
-            lines.append(f"{p:<16} {self.total(p):8.2f}  {'yes ' if self.total(p) <= self.usable_gb else 'NO  '}  {main}")
+            ok = "yes " if self.total(p) <= self.usable_gb else "NO  "
+            lines.append(f"{p:<16} {self.total(p):8.2f}  {ok}  {main}")
         for p, why in self.skipped.items():
             lines.append(f"{p:<16} {'-':>8}  -     not run: {why}")
         lines.append(f"peak {self.peak_gb:.2f} GB ({self.peak_phase}): "
