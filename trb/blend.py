@@ -36,8 +36,21 @@ def _as_work(x: torch.Tensor) -> torch.Tensor:
 
 
 def safe_prod(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w * x with 0 wherever w == 0, so 0 * inf from zero-probability tokens stays 0."""
-    return torch.where(w > 0, w * x, torch.zeros((), dtype=x.dtype, device=x.device))
+    """w * x with 0 wherever w == 0, so 0 * inf from zero-probability tokens stays 0 - in the value
+    and in the gradient (x is masked before the product: a where() after it would still send
+    0 * inf = NaN into the backward of the masked entries)."""
+    live = w > 0
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(live, w, torch.zeros((), dtype=w.dtype, device=w.device)) * torch.where(live, x, zero)
+
+
+def renormalise(logprobs: torch.Tensor) -> torch.Tensor:
+    """log-probabilities made exactly normalised in float64: x - logsumexp(x). A float32
+    log_softmax over ~152k tokens is off by logsumexp = 2e-5 .. 1.4e-4 (always positive), enough to
+    move KL(mu || pi_S) of a small budget by several times eps. Rows with no finite entry stay -inf."""
+    x = logprobs.double()
+    c = torch.logsumexp(x, dim=-1, keepdim=True)
+    return x - torch.where(torch.isfinite(c), c, torch.zeros_like(c))
 
 
 def kl_divergence(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
@@ -111,10 +124,48 @@ def trust_region_beta(
         final bracket, so the constraint holds as evaluated in the working precision, and beta is
         within 2**-iters of the boundary.
     """
+    s, t = renormalise(student_logprobs), renormalise(teacher_logprobs)
+    beta = _search(s, t, eps, iters, method, _roundoff(student_logprobs, teacher_logprobs))
+    out_dtype = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
+    # rounding down to float32 keeps the feasible side (KL is monotone in beta)
+    return _round_down(beta, out_dtype)
+
+
+_ROUNDOFF = {torch.float64: 0.0, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _roundoff(*inputs: torch.Tensor) -> float:
+    return max(_ROUNDOFF.get(x.dtype, 2.0**-24) for x in inputs)
+
+
+def _rounding_margin(s: torch.Tensor, r: torch.Tensor, t: torch.Tensor, roundoff: float) -> torch.Tensor:
+    """The relative share of eps the search keeps free for inputs rounded to `roundoff`: each input
+    log-prob x is off from the true one by up to roundoff |x|, which moves r = t - s by
+    Delta_i = roundoff (|s_i| + |t_i|) and KL(mu_beta || pi_S) ~ beta^2 Var_S[r] / 2 by at most
+    beta^2 sum_i p_i |r_i - E[r]| Delta_i. Relative to the KL that is
+    2 E_S[|r - E r| Delta] / Var_S[r]; the margin is 4x that (mu_beta is not pi_S) plus 1e-6,
+    capped at 1%. One pass over the vocabulary. Shapes: [..., V] -> [...]."""
+    p = s.exp()
+    fin = torch.isfinite(r) & torch.isfinite(t)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    r0 = torch.where(fin, r, zero)
+    m1 = (p * r0).sum(-1, keepdim=True)
+    dev = (r0 - m1).abs()
+    var = (p * dev * dev).sum(-1)
+    delta = roundoff * (torch.where(torch.isfinite(s), s.abs(), zero) + torch.where(fin, t.abs(), zero))
+    spread = safe_prod(p, dev * delta).sum(-1)
+    rel = 1e-6 + 8 * spread / var.clamp_min(1e-300)
+    return torch.where(var > 0, rel.clamp(max=1e-2), torch.full_like(rel, 1e-6))
+
+
+def _search(s: torch.Tensor, t: torch.Tensor, eps, iters: int = SEARCH_ITERS, method: str | None = None,
+            roundoff: float = 0.0) -> torch.Tensor:
+    """trust_region_beta on normalised float64 log-probs s, t [..., V]; returns float64 beta [...].
+    roundoff > 0: s, t came from inputs of that precision; the search then aims below eps by the
+    margin those roundings could move the true KL (`_rounding_margin`), so the constraint holds for
+    the true distributions."""
     # float64: KL(mu_beta || pi_S) of a small budget is a second-order quantity (beta^2 Var/2)
     # summed from first-order terms; in float32 that cancellation costs ~1% of eps = 1e-6.
-    s = student_logprobs.double()
-    t = teacher_logprobs.double()
     batch_shape = s.shape[:-1]
     eps_t = torch.as_tensor(eps, dtype=s.dtype, device=s.device).expand(batch_shape)
     # Tokens the student gives probability 0 never enter mu_beta for beta < 1: zero their r.
@@ -126,6 +177,8 @@ def trust_region_beta(
     r_mode = r.gather(-1, s.argmax(-1, keepdim=True))
     r = torch.where(torch.isfinite(r_mode), r - r_mode, r)
 
+    if roundoff > 0:
+        eps_t = eps_t * (1 - _rounding_margin(s, r, t, roundoff))
     kl_full = kl_divergence(t, s)  # KL(pi_T || pi_S): the beta = 1 check
     lo = torch.zeros(batch_shape, dtype=s.dtype, device=s.device)
     hi = torch.ones(batch_shape, dtype=s.dtype, device=s.device)
@@ -141,10 +194,9 @@ def trust_region_beta(
     else:
         raise ValueError(f"search method must be newton or bisect; got {method!r}")
     beta = torch.where(kl_full <= eps_t, torch.ones_like(lo), lo)
-    beta = torch.where(eps_t > 0, beta, torch.zeros_like(beta))
-    out_dtype = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
-    # rounding down to float32 keeps the feasible side (KL is monotone in beta)
-    return _round_down(beta, out_dtype)
+    # supports that share no token: every beta > 0 gives an empty blend; the student alone is the answer
+    shared = (torch.isfinite(s) & torch.isfinite(t)).any(-1)
+    return torch.where((eps_t > 0) & shared, beta, torch.zeros_like(beta))
 
 
 def _kl_and_var(s: torch.Tensor, r_fin: torch.Tensor, r: torch.Tensor, beta: torch.Tensor
@@ -186,6 +238,7 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
     beta = beta.clamp(1e-12, 1.0 - 2.0**-SEARCH_ITERS)
     sq_eps = torch.sqrt(eps)
     early_exit = s.device.type == "cpu"  # a host sync is free on CPU; on GPUs the count stays fixed
+    converged = torch.zeros_like(lo, dtype=torch.bool)
     for _ in range(iters):
         kl, var = kl_and_var(s, r_fin, r, beta)
         feasible = kl <= eps
@@ -194,16 +247,19 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
         h = torch.sqrt(kl.clamp_min(0))
         nxt = beta - (h - sq_eps) * 2 * h / (beta * var)
         ok = torch.isfinite(nxt) & (nxt > lo) & (nxt < hi)
-        new_beta = torch.where(ok, nxt, 0.5 * (lo + hi))
-        if early_exit:
-            done = (ok & ((nxt - beta).abs() <= 1e-10)) | (hi - lo <= 2.0**-SEARCH_ITERS)
-            if bool(done.all()):
-                beta = new_beta
-                break
-        beta = new_beta
-    cand = torch.minimum(beta * (1 - 1e-7), hi)
-    ok = (kl_at(s, r, cand) <= eps) & (cand > lo)  # the final word: the per-token (stable) KL sum
-    return torch.where(ok, cand, lo).reshape(shape)
+        # a row whose Newton step has converged keeps its iterate: stepping on would land on hi (an
+        # iterate approached from the infeasible side) and fall back to bisecting from lo
+        converged = converged | (torch.isfinite(nxt) & ((nxt - beta).abs() <= 1e-12)) | (hi - lo <= 2.0**-40)
+        beta = torch.where(converged, beta, torch.where(ok, nxt, 0.5 * (lo + hi)))
+        if early_exit and bool(converged.all()):
+            break
+    # the answer: the largest feasible of lo, the iterate less a 1e-7 relative margin, and hi less
+    # 1e-9 relative (the root approached from above), by the per-token (stable) KL sum
+    best = lo
+    for cand in (torch.minimum(beta * (1 - 1e-7), hi), hi * (1 - 1e-9)):
+        ok = (cand > best) & (cand < 1.0) & (kl_at(s, r, cand) <= eps)
+        best = torch.where(ok, cand, best)
+    return best.reshape(shape)
 
 
 def _blend_stats(s: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,18 +274,21 @@ _KERNELS = {"kl_and_var": _kl_and_var, "kl_at": _kl_at, "blend_stats": _blend_st
 
 
 def trust_region_stats(
-    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, eps: float | torch.Tensor
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, eps: float | torch.Tensor,
+    rounded_inputs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(beta, log Z, KL(mu || pi_S)) of the trust-region blend without materialising log mu:
     log mu(x) = _mix(s, t, beta)(x) - log Z for any token x (see `blend_at`). Same beta and KL as
     `trust_region_blend`; used where only a few tokens' log mu are needed (speculative sampling).
-    Shapes: [..., V] -> [...] x 3 (beta, KL float32 rounded down; log Z float64)."""
-    s, t = student_logprobs.double(), teacher_logprobs.double()
-    beta = trust_region_beta(s, t, eps)
+    Shapes: [..., V] -> [...] x 3 (beta, KL float32 rounded down; log Z float64). rounded_inputs:
+    float64 inputs that were float32 log-probs (the search keeps the float32 margin)."""
+    s, t = renormalise(student_logprobs), renormalise(teacher_logprobs)
+    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
+    roundoff = 2.0**-24 if rounded_inputs else _roundoff(student_logprobs, teacher_logprobs)
+    beta = _round_down(_search(s, t, eps, roundoff=roundoff), out)
     shape, v = s.shape[:-1], s.shape[-1]
     log_z, kl = _KERNELS["blend_stats"](s.reshape(-1, v), t.reshape(-1, v), beta.double().reshape(-1))
-    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
-    return _round_down(beta, out), log_z.reshape(shape), _round_down(kl.reshape(shape), out)
+    return beta, log_z.reshape(shape), _round_down(kl.reshape(shape), out)
 
 
 def blend_at(s_x: torch.Tensor, t_x: torch.Tensor, beta: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
@@ -277,13 +336,14 @@ def trust_region_blend(
 
     Shapes: inputs [..., V]; returns [..., V], [...], [...] in float32 (float64 if given).
     """
-    s, t = student_logprobs.double(), teacher_logprobs.double()
-    beta = trust_region_beta(s, t, eps)
-    log_mu = blend_logprobs(s, t, beta)
-    kl = kl_divergence(log_mu, s)
+    s, t = renormalise(student_logprobs), renormalise(teacher_logprobs)
     out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
-    # beta and the realised KL are rounded towards 0 so a recorded KL never exceeds eps
-    return log_mu.to(out), _round_down(beta, out), _round_down(kl, out)
+    # rounded towards 0 (the feasible side); the blend uses this beta
+    beta = _round_down(_search(s, t, eps, roundoff=_roundoff(student_logprobs, teacher_logprobs)), out)
+    log_mu = blend_logprobs(s, t, beta.double())
+    kl = kl_divergence(log_mu, s)  # against the renormalised student: the constraint as it truly holds
+    # the realised KL is rounded towards 0 too, so a recorded KL never exceeds eps
+    return log_mu.to(out), beta, _round_down(kl, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from trb.blend import (
     blend_logprobs,
     canonicalize_eos,
     kl_divergence,
+    renormalise,
     safe_prod,
     sample_from_logprobs,
     uniform,
@@ -468,12 +469,14 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
             drafts.append(d)
             s_list.append(_logprobs(s_model.extend(d[:, None])[:, -1], stop))
         draft = torch.stack(drafts, 1)  # [B, k]
-        s_all = torch.stack(s_list, 1)  # [B, k+1, V]
+        # float64, exactly normalised (a float32 log-softmax over a large vocabulary is not): the
+        # accept ratio mu(x) / pi_S(x) and the residual need the true pi_S
+        s_all = renormalise(torch.stack(s_list, 1))  # [B, k+1, V]
         # 2. one teacher forward over [pending, d_1..d_k] -> pi_T at positions 1..k+1
-        t_all = _logprobs(t_model.extend(torch.cat([pending[:, None], draft], 1)), stop)
+        t_all = renormalise(_logprobs(t_model.extend(torch.cat([pending[:, None], draft], 1)), stop))
         clock.add(None)
         # beta*, the blend's normaliser and KL at every position; log mu only where it is needed
-        beta, log_z, kl = trust_region_stats(s_all, t_all, eps)
+        beta, log_z, kl = trust_region_stats(s_all, t_all, eps, rounded_inputs=True)
         clock.add("search")
         # 3. accept / reject
         lp_s_d = s_all[:, :kr].gather(-1, draft[..., None])[..., 0]
