@@ -81,14 +81,17 @@ def test_empty_or_malformed_dataset(content, needle, tmp_path, out_dir):
     _fails_cleanly([*FAST, f"dataset.path={data}", "dataset.name=mine", "prompt=plain"], tmp_path, out_dir, needle)
 
 
-def test_vocabularies_that_differ_are_refused(tmp_path, out_dir):
+def test_tokenizers_that_differ_are_refused(tmp_path, out_dir):
+    """A teacher whose tokenizer has a token the student's lacks (embedding table padded to match or
+    not) is refused; padding rows alone are accepted (tests/test_vocab.py)."""
     s_path, _ = save_pair(tmp_path)
     t, ttok = tiny_model(eos="<|im_end|>", hidden=48, seed=1)
+    ttok.add_tokens(["<|teacher_only|>"])
     t.resize_token_embeddings(t.config.vocab_size + 8)
     t.save_pretrained(tmp_path / "t_big")
     ttok.save_pretrained(tmp_path / "t_big")
     _fails_cleanly([*FAST, f"student.path={s_path}", f"teacher.path={tmp_path / 't_big'}"], tmp_path, out_dir,
-                   "teacher and student vocabularies differ")
+                   "teacher and student tokenizers map tokens to different ids")
 
 
 def test_chat_prompt_without_a_chat_template(tmp_path, out_dir):

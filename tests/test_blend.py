@@ -265,3 +265,79 @@ def test_compiled_search_matches_eager():
         compile_search(False)
     assert float((fused - eager).abs().max()) < 1e-6
     assert torch.equal(fused3d.reshape(-1), fused)
+
+
+def _true_kl(s64: torch.Tensor, t64: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    lmu = torch.log_softmax((1 - beta)[:, None] * s64 + beta[:, None] * t64, -1)
+    return (lmu.exp() * (lmu - s64)).sum(-1)
+
+
+def _bisect_reference(s64, t64, eps, iters=60):
+    lo, hi = torch.zeros(s64.shape[0], dtype=torch.float64), torch.ones(s64.shape[0], dtype=torch.float64)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ok = _true_kl(s64, t64, mid) <= eps
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    full = (t64.exp() * (t64 - s64)).sum(-1)
+    return torch.where(full <= eps, torch.ones_like(lo), lo)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trust_region_holds_for_the_true_distributions_at_qwen_vocab(dtype):
+    """V = 151,936, peaked rows, float32 / bf16 logits through a float32 log-softmax (as the decoder
+    does): the KL of the blend at the returned beta, under the TRUE distributions (float64 softmax
+    of the same logits), stays <= eps (1 + 1e-6), and beta is within 1e-6 of the true maximum.
+    Before renormalising it overshot by up to 2.9x eps at eps = 4e-5 (measured)."""
+    g = torch.Generator().manual_seed(0)
+    v = 151_936
+    ls = torch.randn(6, v, generator=g, dtype=torch.float64) * 2
+    lt = ls + torch.randn(6, v, generator=g, dtype=torch.float64) * 1.5
+    ls[:, 0] += torch.tensor([4.0, 12.0, 20.0, 4.0, 12.0, 20.0], dtype=torch.float64)
+    lt[:, 1] += torch.tensor([4.0, 12.0, 20.0, 12.0, 20.0, 4.0], dtype=torch.float64)
+    ls, lt = ls.to(dtype), lt.to(dtype)
+    s64, t64 = torch.log_softmax(ls.double(), -1), torch.log_softmax(lt.double(), -1)
+    s_in, t_in = torch.log_softmax(ls.float(), -1), torch.log_softmax(lt.float(), -1)
+    assert float(torch.logsumexp(s_in.double(), -1).abs().max()) > 1e-6  # the inputs are not normalised
+    for eps in (4e-5, 1e-3, 1e-2):
+        log_mu, beta, kl = trust_region_blend(s_in, t_in, eps)
+        true = _true_kl(s64, t64, beta.double())
+        assert (true <= eps * (1 + 1e-6)).all(), (true / eps).max()
+        assert (kl <= eps).all()  # the recorded KL (against the renormalised student) too
+        assert ((_bisect_reference(s64, t64, eps) - beta.double()) < 1e-6).all()
+        assert torch.allclose(log_mu.double().exp().sum(-1), torch.ones(6, dtype=torch.float64), atol=1e-5)
+
+
+def test_newton_search_is_maximal_on_10000_rows():
+    """Float64 inputs (no rounding margin): Newton's beta within 1e-6 of a 60-step bisection on every
+    one of 12,000 random rows (before: 0.2% short by more than 1e-6, worst 1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for kind in ("smooth", "peaked", "flat", "zeros"):
+        for v in (17, 64, 1000):
+            n = 1000
+            a = torch.randn(n, v, generator=g, dtype=torch.float64)
+            if kind == "smooth":
+                b = a + 0.7 * torch.randn(n, v, generator=g, dtype=torch.float64)
+            elif kind == "peaked":
+                a, b = a * 6, torch.randn(n, v, generator=g, dtype=torch.float64) * 6
+            elif kind == "flat":
+                a, b = a * 0.1, torch.randn(n, v, generator=g, dtype=torch.float64) * 0.1
+            else:
+                a, b = a * 3, torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+                a[torch.arange(n), torch.randint(v, (n,), generator=g)] = float("-inf")
+                b[torch.arange(n), torch.randint(v, (n,), generator=g)] = float("-inf")
+            s, t = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+            eps = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-14, 0, generator=g))
+            newton = trust_region_beta(s, t, eps, method="newton")
+            ref = trust_region_beta(s, t, eps, iters=60, method="bisect")
+            worst = max(worst, float((ref - newton).max()))
+    assert worst < 1e-6, worst
+
+
+def test_disjoint_supports_give_the_student():
+    s = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    t = torch.tensor([[float("-inf"), 0.0, float("-inf")]])
+    log_mu, beta, kl = trust_region_blend(s, t, 0.5)
+    assert float(beta) == 0.0 and float(kl) == 0.0
+    assert torch.equal(log_mu, s)
+    assert torch.equal(sample_from_logprobs(log_mu, torch.Generator().manual_seed(0)), torch.tensor([0]))

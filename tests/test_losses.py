@@ -180,3 +180,24 @@ def test_eos_canonicalisation_in_loss():
                                      Target(stop_ids=(0, 1), canonical_stop=0))
     assert kl_raw.item() > 1e-3
     assert abs(kl_can.item()) < 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["full", "topk", "sampled"])
+def test_minus_inf_student_logits_give_finite_gradients(estimator):
+    """A student logit of -inf (a token it can never emit) keeps the loss AND every gradient finite."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, V, dtype=torch.float64)
+    logits[:, 3] = float("-inf")
+    logits.requires_grad_(True)
+    t = torch.log_softmax(torch.randn(4, V, dtype=torch.float64), -1)
+    tokens = torch.tensor([0, 1, 2, 4])
+    sur, val = Estimator(estimator, k=V)(torch.log_softmax(logits, -1), t, tokens, t.gather(-1, tokens[:, None])[:, 0])
+    sur.sum().backward()
+    assert torch.isfinite(sur).all() and torch.isfinite(val).all()
+    assert torch.isfinite(logits.grad).all()
+    if estimator == "full":  # and it is the gradient of the exact KL over the finite tokens
+        keep = [i for i in range(V) if i != 3]
+        x = logits.detach()[:, keep].clone().requires_grad_(True)
+        ref = exact_reverse_kl(x, torch.log_softmax(t[:, keep], -1) + torch.logsumexp(t[:, keep], -1, keepdim=True))
+        ref.sum().backward()
+        assert torch.allclose(logits.grad[:, keep], x.grad, atol=1e-10)

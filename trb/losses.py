@@ -57,7 +57,9 @@ def reverse_kl_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tens
     log_ratio = s_k.detach() - t_k
     value = safe_prod(w, log_ratio).sum(-1)
     centred = log_ratio - value.unsqueeze(-1) if baseline else log_ratio
-    score = safe_prod(w, centred * s_k).sum(-1)  # gradient: sum_a w_a (r_a - b) grad s_a
+    # gradient: sum_a w_a (r_a - b) grad s_a; s_k masked first, so a -inf candidate (w = 0) sends no
+    # 0 * inf into the backward
+    score = (safe_prod(w, centred) * torch.where(w > 0, s_k, torch.zeros_like(s_k))).sum(-1)
     surrogate = value + score - score.detach()
     return surrogate, value
 
@@ -141,6 +143,13 @@ class Target:
     stop_ids: tuple[int, ...] = ()
     canonical_stop: int | None = None
     veto_b: float = 0.0
+    vocab: int | None = None  # shared vocabulary: logits past it (embedding padding rows) are impossible tokens
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A model's logits over the shared vocabulary, float32."""
+        if self.vocab is not None and x.shape[-1] > self.vocab:
+            x = x[..., : self.vocab]
+        return x.float()
 
     def student(self, s: torch.Tensor) -> torch.Tensor:
         if self.stop_ids and self.canonical_stop is not None:
@@ -190,9 +199,9 @@ def chunked_distill_loss(
         return zero, zero.detach()
 
     def chunk_terms(h_s: torch.Tensor, h_t: torch.Tensor, tok, blp) -> tuple[torch.Tensor, torch.Tensor]:
-        s = target.student(torch.log_softmax(student_head(h_s).float(), dim=-1))
+        s = target.student(torch.log_softmax(target.logits(student_head(h_s)), dim=-1))
         with torch.no_grad():
-            t = torch.log_softmax(teacher_head(h_t).float(), dim=-1)
+            t = torch.log_softmax(target.logits(teacher_head(h_t)), dim=-1)
         t = target.teacher(t, s)
         sur, val = estimator(s, t, tok, blp)
         return sur.sum(), val.sum()
@@ -235,7 +244,7 @@ def chunked_nll_loss(
         return student_hidden.sum() * 0.0
 
     def chunk_nll(h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        s = target.student(torch.log_softmax(student_head(h).float(), dim=-1))
+        s = target.student(torch.log_softmax(target.logits(student_head(h)), dim=-1))
         return -s.gather(-1, tok[:, None]).sum()
 
     total = student_hidden.new_zeros((), dtype=torch.float32)

@@ -70,21 +70,26 @@ def _eos_ids(model, tok) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def _vocab(tok, *models) -> int:
+    """Token ids the tokenizer can produce and every model has a row for: embedding tables are
+    often padded past the tokenizer (Qwen2.5 0.5B-3B: 151,936 rows, 7B-32B: 152,064, one
+    tokenizer); the padding rows are impossible tokens."""
+    return min(len(tok), *(m.config.vocab_size for m in models))
+
+
 def stop_spec(model, tok) -> StopSpec:
     """The stop event of a model on its own (evaluation): all its EOS ids, emitted as the first."""
     eos = _eos_ids(model, tok)
     if not eos:
         raise ModelLoadError("the model has no EOS token (tokenizer eos_token or generation_config.eos_token_id)")
-    return StopSpec(stop_ids=eos, emit_id=eos[0], pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    return StopSpec(stop_ids=eos, emit_id=eos[0], pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+                    vocab=_vocab(tok, model))
 
 
 def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
-    """Refuse pairs whose vocabularies differ beyond their EOS ids; return the shared stop event."""
-    vs, vt = student.config.vocab_size, teacher.config.vocab_size
-    if vs != vt:
-        raise ModelLoadError(
-            f"teacher and student vocabularies differ ({vt} vs {vs}): trb needs a shared vocabulary; "
-            f"pick a teacher of the same family")
+    """Refuse pairs whose tokenizers differ beyond their EOS ids; return the shared stop event,
+    whose vocab is the shared vocabulary (embedding tables of different sizes are fine: the rows
+    past the tokenizer are padding)."""
     a, b = s_tok.get_vocab(), t_tok.get_vocab()
     if a != b:
         diff = sorted(set(a.items()) ^ set(b.items()))[:5]
@@ -93,7 +98,7 @@ def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
             f"vocabulary; pick a teacher of the same family")
     own = stop_spec(student, s_tok)
     return StopSpec(stop_ids=list(dict.fromkeys(own.stop_ids + _eos_ids(teacher, t_tok))), emit_id=own.emit_id,
-                    pad_id=own.pad_id)
+                    pad_id=own.pad_id, vocab=_vocab(s_tok, student, teacher))
 
 
 def pick_device(name: str) -> torch.device:

@@ -82,6 +82,7 @@ class StopSpec:
     stop_ids: list[int]
     emit_id: int  # the student's own EOS
     pad_id: int
+    vocab: int | None = None  # tokens both models share: logits past it (embedding padding rows) are dropped
 
 
 @dataclass
@@ -238,6 +239,9 @@ class _Clock:
 
 
 def _logprobs(logits: torch.Tensor, stop: StopSpec) -> torch.Tensor:
+    """Log-probs over the shared vocabulary (padding rows dropped), EOS canonicalised."""
+    if stop.vocab is not None and logits.shape[-1] > stop.vocab:
+        logits = logits[..., : stop.vocab]
     return canonicalize_eos(torch.log_softmax(logits.float(), dim=-1), stop.stop_ids, stop.emit_id)
 
 

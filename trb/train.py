@@ -289,7 +289,7 @@ def build_sft_pool(run: _Run, train_rows, log) -> list[Sequences]:
 def sft_step(run: _Run, seqs: Sequences, step: int) -> StepResult:
     """One supervised update on teacher samples (token-mean NLL of the teacher's tokens)."""
     t0 = time.time()
-    target = Target(tuple(run.stop.stop_ids), run.stop.emit_id)
+    target = Target(tuple(run.stop.stop_ids), run.stop.emit_id, vocab=run.stop.vocab)
 
     def make_loss(mb: MicroBatch, denominator: float):
         tokens = seqs.tokens[mb.rows, mb.cols]
@@ -333,7 +333,7 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
 
     # 2. per micro-batch: teacher forward (fills the teacher's records when it did not decode), then
     # the student's loss to the method's target; one optimiser step
-    target = Target(tuple(stop.stop_ids), stop.emit_id, run.method.veto_b(step))
+    target = Target(tuple(stop.stop_ids), stop.emit_id, run.method.veto_b(step), stop.vocab)
     teacher_head = teacher.get_output_embeddings()
 
     def make_loss(mb: MicroBatch, denominator: float):
@@ -480,7 +480,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
     stop = check_pair(student, tok, teacher, t_tok)
-    vocab = student.config.vocab_size
+    vocab = stop.vocab
     if cfg.loss.estimator == "topk" and cfg.loss.k > vocab:
         raise ValueError(f"loss.k={cfg.loss.k} exceeds the vocabulary size {vocab}; use loss.k <= {vocab} "
                          f"(or loss=full for the exact KL)")
