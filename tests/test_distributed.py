@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun (gloo on CPU): FSDP2-sharded student, per-rank rollouts.
 
 A 2-process run must end with the same weights on both ranks and match a 1-process run with the
-same global batch and seed: each row's sampling noise is drawn for the global batch (RowSlice)
+same global batch and seed: each row's sampling noise comes from its own stream (RowNoise)
 and each rank's loss is rescaled to the global token mean, so the only differences left are
 float rounding (padding widths, the order of the gradient reduction). Stated tolerance: 1e-5
 absolute on every weight after 3 AdamW steps at lr 1e-3 (measured: 7e-8).
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trb.blend import RowSlice, sample_from_logprobs
+from trb.blend import RowNoise, sample_from_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,21 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_row_slices_draw_the_global_batch_samples():
+def test_per_row_noise_draws_the_global_batch_samples():
+    """A rank holding rows lo..hi of the global batch draws exactly those rows' samples of the 1-process
+    run, step after step, without drawing the other rows' noise."""
     logits = torch.randn(6, 50).log_softmax(-1)
-    full = sample_from_logprobs(logits, torch.Generator().manual_seed(3))
-    parts = [sample_from_logprobs(logits[lo:hi], RowSlice(torch.Generator().manual_seed(3), lo, 6))
-             for lo, hi in ((0, 2), (2, 5), (5, 6))]
-    assert torch.equal(torch.cat(parts), full)
+    full = RowNoise(3, range(6), "cpu")
+    ref = [sample_from_logprobs(logits, full) for _ in range(3)]
+    for lo, hi in ((0, 2), (2, 5), (5, 6)):
+        part = RowNoise(3, range(lo, hi), "cpu")
+        for step in range(3):
+            assert torch.equal(sample_from_logprobs(logits[lo:hi], part), ref[step][lo:hi])
+    # rows leaving keep the others' streams: drop row 1 after the first draw
+    noise = RowNoise(3, range(6), "cpu")
+    sample_from_logprobs(logits, noise)
+    keep = [0, 2, 3, 4, 5]
+    assert torch.equal(sample_from_logprobs(logits[keep], noise.select(keep)), ref[1][keep])
 
 
 def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):

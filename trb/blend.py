@@ -449,28 +449,54 @@ def canonicalize_eos(logprobs: torch.Tensor, stop_ids: list[int], canonical_id: 
     return out.index_copy(-1, ids[:1], stop_mass.unsqueeze(-1))
 
 
-class RowSlice:
-    """A generator for rows `offset .. offset + B` of a batch of `total` rows: every draw of shape
-    [B, ...] takes the uniforms of the whole [total, ...] batch from `generator` and keeps this
-    slice, so a row's noise does not depend on how the batch is split (data-parallel ranks draw
-    the same samples as one process running the global batch)."""
+class RowNoise:
+    """Per-row noise streams: row g draws from its own generator, seeded from (seed, g), so a row's
+    samples depend only on the seed and its global index, not on which rows are decoded together
+    (the rollout.max_rows bound, finished rows leaving the batch, the number of data-parallel
+    ranks). Every draw of shape [B, ...] takes one [...] draw from each live row's stream.
 
-    def __init__(self, generator: torch.Generator, offset: int, total: int):
-        self.generator, self.offset, self.total = generator, offset, total
+    rows: the global indices of the rows, in batch order; select(idx) keeps a subset (their
+    streams continue where they were); slice(lo, hi) is rows lo..hi-1 as a new RowNoise sharing
+    the streams."""
+
+    def __init__(self, seed: int, rows, device, _gens=None):
+        import numpy as np
+
+        self.seed, self.rows, self.device = int(seed), [int(r) for r in rows], torch.device(device)
+        if _gens is None:
+            _gens = []
+            for g in self.rows:
+                state = np.random.SeedSequence([self.seed, g]).generate_state(2, dtype=np.uint32)
+                _gens.append(torch.Generator(device=self.device).manual_seed(int(state[0]) << 31 ^ int(state[1])))
+        self.gens = _gens
+
+    def __len__(self) -> int:
+        return len(self.gens)
 
     def rand(self, shape, device) -> torch.Tensor:
-        full = torch.rand((self.total, *shape[1:]), generator=self.generator, device=device, dtype=torch.float32)
-        return full[self.offset : self.offset + shape[0]]
+        if shape[0] != len(self.gens):
+            raise ValueError(f"RowNoise of {len(self.gens)} rows asked for a draw of {shape[0]} rows")
+        if not self.gens:
+            return torch.empty(tuple(shape), device=device)
+        return torch.stack([torch.rand(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32)
+                            for g in self.gens])
+
+    def select(self, idx) -> RowNoise:
+        idx = idx.tolist() if torch.is_tensor(idx) else list(idx)
+        return RowNoise(self.seed, [self.rows[i] for i in idx], self.device, [self.gens[i] for i in idx])
+
+    def slice(self, lo: int, hi: int) -> RowNoise:
+        return RowNoise(self.seed, self.rows[lo:hi], self.device, self.gens[lo:hi])
 
 
-def uniform(shape, generator: torch.Generator | RowSlice | None, device) -> torch.Tensor:
-    """float32 uniforms in [0, 1) of `shape` from `generator` (a torch.Generator or a RowSlice)."""
-    if isinstance(generator, RowSlice):
+def uniform(shape, generator: torch.Generator | RowNoise | None, device) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of `shape` from `generator` (a torch.Generator or a RowNoise)."""
+    if isinstance(generator, RowNoise):
         return generator.rand(tuple(shape), device)
     return torch.rand(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
-def sample_from_logprobs(logprobs: torch.Tensor, generator: torch.Generator | RowSlice | None = None) -> torch.Tensor:
+def sample_from_logprobs(logprobs: torch.Tensor, generator: torch.Generator | RowNoise | None = None) -> torch.Tensor:
     """Gumbel-max sample from each row of [..., V] log-probabilities -> [...] int64.
 
     Draws its uniforms from `generator` (on the tensor's device) so runs are reproducible.

@@ -25,17 +25,24 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict | None = None,
-                    extra: dict | None = None, keep_last: int = 0) -> Path:
+                    extra: dict | None = None, keep_last: int = 0, state_dict: dict | None = None) -> Path:
     """Write run_dir/checkpoints/step_{step:06d}/ and return it; keep_last > 0 then deletes all
     but the newest keep_last complete checkpoints.
 
     optimizer_state: the full optimizer state keyed by parameter names
-    (trb.distributed.optimizer_state), so a run can resume with another number of processes."""
+    (trb.distributed.optimizer_state), so a run can resume with another number of processes.
+    state_dict: weights to save instead of the model's own (the float32 master weights gathered
+    from FSDP2 shards when the model is a bf16 rollout copy); config.json then records their dtype."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    if state_dict:
+        dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+        conf = json.loads((tmp / "config.json").read_text())
+        conf.update({k: dtype for k in ("dtype", "torch_dtype") if k in conf})
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
     tokenizer.save_pretrained(tmp)
     state = {
         "step": step,

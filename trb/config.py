@@ -168,9 +168,14 @@ class RolloutConfig:
     compile_search: bool = False  # torch.compile the beta search's passes (~40 s once; pays on large vocabularies)
     static_cache: bool = False  # preallocated KV caches (fixed shapes per decoding step; per-token decoder)
     compile_step: bool = False  # decode through torch.compile'd model forwards (needs static_cache; CUDA graphs on GPU)
+    max_rows: int = 0  # rows decoded together (whole prompts x n; the rest queued in waves; 0 = all local rows)
+    dtype: str = "auto"  # the rollout copy that samples and evaluates: auto (the trained weights') | bfloat16 | float32
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"rollout.n must be >= 1; got {self.n}")
+        _check(self.max_rows >= 0, f"rollout.max_rows must be >= 0; got {self.max_rows}")
+        _check(self.dtype in ("auto", *DTYPES), f"rollout.dtype must be auto or one of {', '.join(DTYPES)}; "
+                                                 f"got {self.dtype!r}")
         _check(not self.compile_step or self.static_cache,
                "rollout.compile_step=true needs rollout.static_cache=true (a compiled step needs fixed shapes)")
         _check(self.draft_k >= 0, f"rollout.draft_k must be >= 0; got {self.draft_k}")
@@ -336,6 +341,9 @@ class TrainConfig:
                f"train.micro_batch_tokens={self.train.micro_batch_tokens} is below the longest sequence "
                f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {longest}); a sequence is never split: "
                f"use train.micro_batch_tokens >= {longest} (or 0 for no bound)")
+        _check(self.parallel.teacher != "shard" or not self.rollout.max_rows,
+               "parallel.teacher=shard decodes in lockstep across ranks, whose waves would differ: use "
+               "rollout.max_rows=0 with it (or parallel.teacher=replicate)")
         _check(self.parallel.teacher != "shard" or self.rollout.draft_k == 0,
                "parallel.teacher=shard runs the per-token decoder in lockstep across ranks; speculative sampling "
                "(rollout.draft_k > 0) needs parallel.teacher=replicate")

@@ -200,6 +200,14 @@ def copy_full_params(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         dst_params[name].copy_(full)
 
 
+def full_model_state(model: torch.nn.Module, prefix: str = "") -> dict:
+    """The full (unsharded) state dict of `model` on CPU, `prefix` stripped from the keys (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
 def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """The full optimizer state keyed by parameter names (collective; world-size independent)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

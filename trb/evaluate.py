@@ -16,6 +16,7 @@ import torch
 from trb.config import DecodingConfig
 from trb.data import extract_answer, render
 from trb.grading import Grader
+from trb.blend import RowNoise
 from trb.rollout import Sampler, StopSpec, rollout
 
 
@@ -53,8 +54,13 @@ def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> bool:
 
 
 def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, prompt, decoding: DecodingConfig,
-             progress=None) -> tuple[dict, list[dict]]:
+             progress=None, problem_ids: list[int] | None = None) -> tuple[dict, list[dict]]:
     """Decode n completions per row, grade them, and aggregate.
+
+    Each prompt is prefilled once for its n samples (prefix sharing); at most decoding.batch rows
+    decode together (whole prompts), finished rows leaving the batch; sample j of problem i draws
+    from its own noise stream keyed by (decoding.seed, problem_ids[i] * n + j), so the samples do
+    not depend on decoding.batch (nor, in training, on how problems are split across ranks).
 
     Returns (metrics, samples): metrics keyed "eval/..." (pass@k, maj@k, no-answer, truncation,
     grading timeouts, tokens/s, per-type/level accuracy when rows carry them); one sample dict per
@@ -65,18 +71,21 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(decoding.seed)
+    problem_ids = list(range(len(rows))) if problem_ids is None else list(problem_ids)
     sampler = Sampler("student", temperature=decoding.temperature, top_p=decoding.top_p, greedy=decoding.greedy)
     prompts = [render(tokenizer, r["question"], prompt) for r in rows]
-    flat = [(i, j) for i in range(len(rows)) for j in range(decoding.n)]
+    n = decoding.n
+    per = max(1, decoding.batch // n)  # prompts per wave
     samples: list[dict] = []
     t0, timeouts0 = time.time(), grader.stats.timeouts
     gen_tokens = 0
-    for start in range(0, len(flat), decoding.batch):
-        chunk = flat[start : start + decoding.batch]
-        ids, mask = encode_prompts(tokenizer, [prompts[i] for i, _ in chunk], device)
+    for start in range(0, len(rows), per):
+        idx = list(range(start, min(start + per, len(rows))))
+        chunk = [(i, j) for i in idx for j in range(n)]
+        ids, mask = encode_prompts(tokenizer, [prompts[i] for i in idx], device)
+        noise = RowNoise(decoding.seed, [problem_ids[i] * n + j for i, j in chunk], device)
         ro = rollout(model, None, ids, mask, max_new_tokens=decoding.max_new_tokens, sampler=sampler, stop=stop,
-                     generator=gen)
+                     generator=noise, n=n, max_rows=decoding.batch)
         texts = decode_completions(tokenizer, ro.tokens, ro.response_mask)
         golds = [rows[i]["gold"] for i, _ in chunk]
         graded = grader.grade(texts, [g if g is not None else "" for g in golds])

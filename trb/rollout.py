@@ -28,6 +28,7 @@ from trb.blend import (
     blend_logprobs,
     canonicalize_eos,
     kl_divergence,
+    RowNoise,
     renormalise,
     safe_prod,
     sample_from_logprobs,
@@ -203,6 +204,13 @@ class _CachedModel:
         self.logits = logits[:, -1]
         return logits
 
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep only rows `idx` (dynamic caches): finished rows leave the batch."""
+        self.cache.batch_select_indices(idx)
+        self.mask, self.length = self.mask[idx], self.length[idx]
+        if self.logits is not None:
+            self.logits = self.logits[idx]
+
     def drop_last(self, keep: torch.Tensor, n: int) -> None:
         """Of the last n slots, keep the first keep[b] of row b; mask out the rest."""
         idx = torch.arange(n, device=keep.device)
@@ -266,6 +274,7 @@ def rollout(
     static_cache: bool = False,
     compile_step: bool = False,
     check_every: int | None = None,
+    max_rows: int = 0,
 ) -> Rollout:
     """Sample n completions per row of the left-padded prompts under `sampler`.
 
@@ -281,8 +290,26 @@ def rollout(
     through each model's torch.compile'd forward (compiled once per model); check_every: test
     for "every row has stopped" (a host sync) only every that many steps (None: every step on
     CPU, every 8 on GPUs); rows that stopped keep emitting masked padding until then, and the
-    result is the same. Returns a `Rollout`.
+    result is the same; max_rows > 0: at most that many rows (rounded down to whole prompts x n, at
+    least one prompt) decode together, the prompts queued in waves. With a `RowNoise` generator
+    a row's tokens and records do not depend on max_rows, and rows that stopped leave the batch
+    (both models' dynamic KV caches shrink to the live rows) at every check; with a plain
+    torch.Generator every row stays to the end, as the draws depend on the batch. Returns a
+    `Rollout`.
     """
+    if max_rows and prompt_ids.shape[0] * n > max_rows:
+        if lockstep is not None:
+            raise ValueError("rollout.max_rows with a teacher sharded across ranks is not supported (the ranks' "
+                             "waves would differ): use rollout.max_rows=0 or parallel.teacher=replicate")
+        per = max(1, max_rows // n)
+        parts = []
+        for i in range(0, prompt_ids.shape[0], per):
+            noise = generator.slice(i * n, (i + per) * n) if isinstance(generator, RowNoise) else generator
+            parts.append(rollout(student, teacher, prompt_ids[i : i + per], prompt_mask[i : i + per],
+                                 max_new_tokens=max_new_tokens, sampler=sampler, stop=stop, generator=noise,
+                                 timings=timings, n=n, static_cache=static_cache, compile_step=compile_step,
+                                 check_every=check_every))
+        return concat_rollouts(parts, stop.pad_id)
     if compile_step and not static_cache:
         raise ValueError("compile_step needs static_cache=True (a compiled step needs fixed shapes)")
     if sampler.needs_teacher and teacher is None:
@@ -308,17 +335,26 @@ def rollout(
     b = prompt_ids.shape[0]
     clock.add("prefill")
 
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                           ("tok", "live", "s", "t", "mu", "beta", "kl", "rep", "ent")}
+    shape = (b, max_new_tokens)
+    rec = {"tok": torch.full(shape, stop.pad_id, dtype=torch.long, device=dev),
+           "live": torch.zeros(shape, dtype=torch.bool, device=dev),
+           "rep": torch.zeros(shape, dtype=torch.bool, device=dev),
+           **{k: torch.zeros(shape, device=dev) for k in ("s", "mu", "beta", "kl")},
+           **{k: torch.full(shape, float("nan"), device=dev) for k in ("t", "ent")}}
+    rows = torch.arange(b, device=dev)  # the batch rows still decoding, in the records' row order
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    nan = torch.full((b,), float("nan"), device=dev)
+    # rows leave the batch only when that changes nothing: per-row noise streams, dynamic caches, no
+    # lockstep (a sharded teacher keeps every rank's batch)
+    compact = isinstance(generator, RowNoise) and not static_cache and lockstep is None
     if check_every is None:
         check_every = 1 if dev.type == "cpu" else 8
+    steps_run = 0
     for step in range(max_new_tokens):
+        live_b = rows.shape[0]
         s = _logprobs(s_step.logits, stop)
         t = _logprobs(t_step.logits, stop) if t_step is not None else None
-        replaced = torch.zeros(b, dtype=torch.bool, device=dev)
-        beta = torch.zeros(b, device=dev)
+        replaced = torch.zeros(live_b, dtype=torch.bool, device=dev)
+        beta = torch.zeros(live_b, device=dev)
         tok, kl = None, None
         if sampler.kind == "teacher":
             log_mu = t
@@ -337,18 +373,20 @@ def rollout(
             tok = log_mu.argmax(-1) if sampler.greedy else sample_from_logprobs(log_mu, generator)
         live = ~done
         tok = torch.where(live, tok, torch.full_like(tok, stop.pad_id))
-        cols["tok"].append(tok)
-        cols["live"].append(live)
-        cols["s"].append(s.gather(-1, tok[:, None])[:, 0])
-        cols["t"].append(t.gather(-1, tok[:, None])[:, 0] if t is not None else nan)
-        cols["mu"].append(log_mu.gather(-1, tok[:, None])[:, 0])
-        cols["beta"].append(beta)
         if kl is None:
-            kl = kl_divergence(log_mu, s) if log_mu is not s else torch.zeros(b, device=dev)
-        cols["kl"].append(kl)
-        cols["rep"].append(replaced & live)
-        cols["ent"].append(_entropy(t) if t is not None else nan)
+            kl = kl_divergence(log_mu, s) if log_mu is not s else torch.zeros(live_b, device=dev)
+        rec["tok"][rows, step] = tok
+        rec["live"][rows, step] = live
+        rec["s"][rows, step] = s.gather(-1, tok[:, None])[:, 0]
+        rec["mu"][rows, step] = log_mu.gather(-1, tok[:, None])[:, 0].float()
+        rec["beta"][rows, step] = beta.float()
+        rec["kl"][rows, step] = kl.float()
+        rec["rep"][rows, step] = replaced & live
+        if t is not None:
+            rec["t"][rows, step] = t.gather(-1, tok[:, None])[:, 0]
+            rec["ent"][rows, step] = _entropy(t)
         done = done | (tok == stop.emit_id)
+        steps_run = step + 1
         clock.count("steps")
         if (step + 1) % check_every == 0 or step + 1 == max_new_tokens:
             finished = bool(done.all())
@@ -356,13 +394,20 @@ def rollout(
                 finished = lockstep(finished)
             if finished:
                 break
+            if compact and bool(done.any()):  # finished rows leave both models' caches
+                keep = (~done).nonzero()[:, 0]
+                for m in (s_step, t_step):
+                    if m is not None:
+                        m.select(keep)
+                generator = generator.select(keep)
+                rows, done, tok = rows[keep], done[keep], tok[keep]
         s_step.extend(tok[:, None])
         if t_step is not None:
             t_step.extend(tok[:, None])
 
-    st = {k: torch.stack(v, dim=1) for k, v in cols.items()}
+    st = {k: v[:, :steps_run] for k, v in rec.items()}
     # < steps when the loop ran past every row's stop (check_every > 1, or lockstep across ranks)
-    width = int(st["live"].any(0).nonzero().max()) + 1 if b else 0
+    width = int(st["live"].any(0).nonzero().max()) + 1 if b and steps_run else 0
     st = {k: v[:, :width] for k, v in st.items()}
     mask = st["live"]
     return Rollout(
@@ -382,6 +427,28 @@ def rollout(
     )
 
 
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of consecutive row blocks as one (completions right-padded to the longest)."""
+    width = max(p.tokens.shape[1] for p in parts)
+    fill = {"tokens": pad_id, "response_mask": False, "replaced": False, "teacher_logp": float("nan"),
+            "teacher_entropy": float("nan")}
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        extra = width - x.shape[1]
+        return x if extra == 0 else torch.cat([x, x.new_full((x.shape[0], extra), value)], 1)
+
+    fields = {}
+    for name in ("tokens", "response_mask", "student_logp", "teacher_logp", "behavior_logp", "beta", "kl",
+                 "replaced", "teacher_entropy"):
+        fields[name] = torch.cat([pad(getattr(p, name), fill.get(name, 0.0)) for p in parts])
+    spec = [p for p in parts if p.draft_accepted is not None]
+    return Rollout(prompt_ids=torch.cat([p.prompt_ids for p in parts]),
+                   prompt_mask=torch.cat([p.prompt_mask for p in parts]),
+                   stopped=torch.cat([p.stopped for p in parts]), teacher_decoded=parts[0].teacher_decoded,
+                   draft_accepted=torch.cat([p.draft_accepted for p in spec]) if spec else None,
+                   draft_proposed=torch.cat([p.draft_proposed for p in spec]) if spec else None, **fields)
+
+
 @torch.no_grad()
 def score_tokens(head, hidden: torch.Tensor, tokens: torch.Tensor, stop: StopSpec,
                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,6 +462,9 @@ def score_tokens(head, hidden: torch.Tensor, tokens: torch.Tensor, stop: StopSpe
         z = hidden.new_zeros(0, dtype=torch.float32)
         return z, z
     return torch.cat(lps), torch.cat(ents)
+
+
+@torch.no_grad()
 
 
 @torch.no_grad()

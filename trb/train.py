@@ -35,7 +35,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from trb import distributed
-from trb.blend import RowSlice, compile_search
+from trb.blend import RowNoise, compile_search
 from trb.checkpoint import (find_resume, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
 from trb.config import TrainConfig
@@ -176,7 +176,7 @@ class _Run:
 
     def local_batch(self, rows: list[dict], seed: int, n: int):
         """This rank's share of a global prompt batch, encoded, and the noise source for its rows
-        (n samples per prompt; the global batch's noise, sliced: see RowSlice). Returns
+        (n samples per prompt; one stream per row of the global batch, see RowNoise). Returns
         ((rows, ids, mask, noise) or None, number of prompts too long); None when some rank has no
         prompt left after skipping long ones (every rank then skips the step)."""
         lo, hi = self.world.slice(len(rows))
@@ -186,10 +186,8 @@ class _Run:
         counts = distributed.gather(len(rows))
         if min(counts) == 0:
             return None, too_long
-        self.gen.manual_seed(seed)
-        noise = self.gen
-        if self.world.distributed:
-            noise = RowSlice(self.gen, n * sum(counts[: self.world.rank]), n * sum(counts))
+        first = n * sum(counts[: self.world.rank])
+        noise = RowNoise(seed, range(first, first + n * len(rows)), self.device)
         return (rows, ids, mask, noise), too_long
 
     @property
@@ -278,7 +276,7 @@ def build_sft_pool(run: _Run, train_rows, log) -> list[Sequences]:
         rows, ids, mask, noise = batch
         ro = rollout(run.policy, run.teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens,
                      sampler=Sampler("teacher", temperature=cfg.rollout.temperature), stop=run.stop,
-                     generator=noise, n=m.sft_samples, lockstep=run.lockstep)
+                     generator=noise, n=m.sft_samples, lockstep=run.lockstep, max_rows=cfg.rollout.max_rows)
         pool.append(Sequences(ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.response_mask))
     n_seq = sum(distributed.gather(sum(p.tokens.shape[0] for p in pool)))
     log(f"sft_warmup: {n_seq} teacher samples for the prompts of {len(pool)} steps in {time.time() - t0:.1f} s; "
@@ -324,7 +322,8 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
     sampler = run.method.sampler(step)
     ro = rollout(run.policy, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
                  stop=stop, generator=noise, n=cfg.rollout.n, lockstep=run.lockstep,
-                 static_cache=cfg.rollout.static_cache, compile_step=cfg.rollout.compile_step)
+                 static_cache=cfg.rollout.static_cache, compile_step=cfg.rollout.compile_step,
+                 max_rows=cfg.rollout.max_rows)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     rewards = (run.grader.grade(decode_completions(run.tok, ro.tokens, ro.response_mask), golds)
@@ -495,8 +494,9 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
         f"{procs if world.distributed else ''}, run dir {run_dir}")
 
     policy = student
-    if world.distributed:  # the rollout copy samples and evaluates; the shards train
-        policy = copy.deepcopy(student).requires_grad_(False)
+    policy_dtype = getattr(torch, cfg.rollout.dtype) if cfg.rollout.dtype != "auto" else student.dtype
+    if world.distributed or policy_dtype != student.dtype:  # the rollout copy samples and evaluates
+        policy = copy.deepcopy(student).to(policy_dtype).requires_grad_(False)
     if cfg.train.activation_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = StudentObjective(student)
@@ -539,13 +539,20 @@ def _run_eval(s: _Session, step: int, log) -> None:
 
 
 def _checkpoint(s: _Session, step: int) -> Path | None:
+    """Save the trained (master) weights: the student itself in one process, the rollout copy under
+    torchrun when it has the master dtype, else the full state gathered from the shards."""
     run = s.run
     opt_state = distributed.optimizer_state(run.objective, run.opt)  # collective
+    model, weights = run.policy, None
+    if not run.world.distributed:
+        model = run.objective.student
+    elif run.policy.dtype != _master_dtype(run):
+        weights = distributed.full_model_state(run.objective, prefix="student.")  # collective
     path = None
     if run.world.main:
-        path = save_checkpoint(s.run_dir, step, run.policy, run.tok, opt_state,
+        path = save_checkpoint(s.run_dir, step, model, run.tok, opt_state,
                                {"eps": run.method.eps(step), "gen": run.gen.get_state(),
-                                "skipped_long": s.skipped_long}, run.cfg.keep_last)
+                                "skipped_long": s.skipped_long}, run.cfg.keep_last, state_dict=weights)
     distributed.barrier()
     return path
 
@@ -622,8 +629,14 @@ def finish(s: _Session, log) -> dict:
         (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         s.tracker.finish()
         log(f"done: accuracy {summary['accuracy_before']} -> {summary['accuracy_after']}; checkpoint {ckpt}")
-    summary["student"] = run.policy  # in-process callers (tests, notebooks) get the trained model (full weights)
+    # in-process callers (tests, notebooks) get the trained model (full weights; one process: the master)
+    summary["student"] = run.policy if world.distributed else run.objective.student
     return summary
+
+
+def _master_dtype(run: _Run) -> torch.dtype:
+    p = next(run.objective.parameters())
+    return (p.to_local() if isinstance(p, DTensor) else p).dtype
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -649,7 +662,8 @@ def evaluate_sharded(run: _Run, rows: list[dict]) -> dict:
     t0 = time.time()
     timeouts0 = run.grader.stats.timeouts
     mine = rows[world.rank :: world.size]
-    _, samples = evaluate(run.policy, run.tok, mine, run.stop, run.grader, cfg.prompt, cfg.eval_decoding)
+    _, samples = evaluate(run.policy, run.tok, mine, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
+                          problem_ids=list(range(len(rows)))[world.rank :: world.size])
     for s in samples:  # local problem index -> global
         s["problem"] = world.rank + s["problem"] * world.size
     parts = distributed.gather((samples, run.grader.stats.timeouts - timeouts0))
