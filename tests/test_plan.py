@@ -90,25 +90,42 @@ def test_micro_batches_bound_the_update_phase():
 
 
 @pytest.mark.parametrize("preset", ["paper_0.6b_4b", "paper_1.7b_8b"])
-def test_presets_plan_offline_and_update_and_scoring_fit_on_8_h100(preset, tmp_path):
+def test_presets_plan_offline_and_every_phase_fits_on_8_h100(preset, tmp_path):
     r = cli(["plan", f"experiment={preset}", "plan.world_size=8", "plan.device_gb=80", f"output_dir={tmp_path}"],
             cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert {"world_size", "device_gb", "phases", "peak_gb", "fits"} <= plan.keys()
-    assert plan["world_size"] == 8 and plan["device_gb"] == 80
+    assert plan["world_size"] == 8 and plan["device_gb"] == 80 and plan["fits"]
     assert set(plan["phases"]) == {"rollout", "student_rollout", "scoring", "update", "eval"}
-    usable = 80 - plan["reserve_gb"]
-    assert plan["phases"]["update"] < usable and plan["phases"]["scoring"] < usable
-    # today's decoder holds 32 rows x 8,192 tokens of both KV caches: the plan says so (next issue)
-    assert plan["phases"]["rollout"] > usable and not plan["fits"]
-    assert r.returncode == 1 and "rollout" in r.stdout and "NO" in r.stdout
-    assert "error: the memory plan does not fit" in r.stdout and "prompts_per_step" in r.stdout
-    assert "Traceback" not in r.stderr
-    # without the new knobs the update alone would need hundreds of GB per device
+    assert max(plan["phases"].values()) <= 80 - plan["reserve_gb"]
+    assert "Traceback" not in r.stderr and "fits" in r.stdout
+    # the decoder's knobs are what make the decoding phases fit: without them (every local row at
+    # once, a float32 rollout copy, 64 eval rows) the plan refuses, naming the knobs
+    r = cli(["plan", f"experiment={preset}", "plan.world_size=8", "plan.device_gb=80", "rollout.max_rows=0",
+             "rollout.dtype=auto", "eval_decoding.batch=64", f"output_dir={tmp_path}"], cwd=tmp_path)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert r.returncode == 1 and not plan["fits"] and "rollout" in plan["failing"]
+    assert "error: the memory plan does not fit" in r.stdout and "rollout.max_rows" in r.stdout
+    # and without the update's knobs the update alone would need hundreds of GB per device
     r = cli(["plan", f"experiment={preset}", "plan.world_size=8", "plan.device_gb=80", "train.micro_batch_tokens=0",
              "train.activation_checkpointing=false", "train.compute_dtype=float32", f"output_dir={tmp_path}"],
             cwd=tmp_path)
     assert json.loads((tmp_path / "plan.json").read_text())["phases"]["update"] > 500
+
+
+def test_row_bound_and_bf16_copy_bound_the_decoding_phases():
+    from trb.config import RolloutConfig
+
+    sizes = {}
+    for prompts in (8, 32):
+        for max_rows, dtype in ((0, "auto"), (8, "auto"), (8, "bfloat16")):
+            cfg = TrainConfig(prompts_per_step=prompts, rollout=RolloutConfig(max_rows=max_rows, dtype=dtype))
+            p = plan_memory(cfg, world_size=1, device_gb=80)
+            sizes[prompts, max_rows, dtype] = p.phases["student_rollout"]["student KV cache"]
+    assert sizes[8, 8, "auto"] == sizes[32, 8, "auto"]  # flat in the local rows at a fixed bound
+    assert sizes[32, 0, "auto"] == 4 * sizes[8, 0, "auto"]
+    assert sizes[32, 8, "bfloat16"] == sizes[32, 8, "auto"] / 2
 
 
 def test_plan_of_the_toy_default_fits_and_exits_0(tmp_path):
@@ -129,11 +146,12 @@ def test_plan_without_a_shape_names_the_setting(tmp_path):
 
 def test_train_on_a_gpu_refuses_a_run_that_cannot_fit_before_loading_anything(tmp_path):
     """device=cuda runs the plan at start (here on a CPU machine: the check needs no GPU, only the
-    shapes); the paper preset in one process cannot fit, and nothing is loaded or written."""
+    shapes); the paper preset's 64 prompts in one process cannot fit, and nothing is loaded or written."""
     import time
 
     out = tmp_path / "run"
     t0 = time.time()
-    r = cli(["train", "experiment=paper_0.6b_4b", "device=cuda", f"output_dir={out}"], cwd=tmp_path)
+    r = cli(["train", "experiment=paper_0.6b_4b", "device=cuda", "rollout.max_rows=0", f"output_dir={out}"],
+            cwd=tmp_path)
     assert r.returncode == 2 and "the memory plan does not fit" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and time.time() - t0 < 60

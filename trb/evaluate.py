@@ -57,8 +57,9 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
              progress=None, problem_ids: list[int] | None = None) -> tuple[dict, list[dict]]:
     """Decode n completions per row, grade them, and aggregate.
 
-    Each prompt is prefilled once for its n samples (prefix sharing); at most decoding.batch rows
-    decode together (whole prompts), finished rows leaving the batch; sample j of problem i draws
+    Each prompt is prefilled once for its n samples (prefix sharing; once per group of
+    decoding.batch samples when decoding.batch < n); at most decoding.batch rows decode together,
+    finished rows leaving the batch; sample j of problem i draws
     from its own noise stream keyed by (decoding.seed, problem_ids[i] * n + j), so the samples do
     not depend on decoding.batch (nor, in training, on how problems are split across ranks).
 

@@ -7,16 +7,17 @@ No weights are loaded: the shapes come from the models' config.json (a local fol
 Face cache, the toy models, or the small shape files shipped in trb/assets/shapes that the paper
 presets name in student.shape / teacher.shape). The plan is a model of trb's code, phase by phase:
 
-  rollout          both models decode (eps > 0, SKD, SFT teacher samples): KV caches of every local
-                   row at full length (the decoder holds all rows to the end), vocabulary-wide blend
-                   temporaries, one prompt prefill
+  rollout          both models decode (eps > 0, SKD, SFT teacher samples): KV caches of the rows
+                   decoded together (rollout.max_rows, else every local row) at full length (the
+                   worst case: finished rows leave, but one long row keeps its slot), in the rollout
+                   copy's dtype (rollout.dtype), vocabulary-wide blend temporaries, one prefill
   student_rollout  the student decodes alone (eps = 0)
   scoring          one teacher forward over a micro-batch (no KV cache), while the gradients of the
                    update are held
   update           the student's forward + backward over one micro-batch: saved activations (all
                    layers, or the layer inputs with activation checkpointing plus one recomputed
                    layer), the chunked loss's [chunk, V] temporaries, gradients
-  eval             the periodic eval: decoding.batch rows of the rollout copy decoding
+  eval             the periodic eval: eval_decoding.batch rows of the rollout copy decoding
 
 Every phase also holds the persistent state: student weights (FSDP2 shards), AdamW state, the
 rollout copy (several processes), the teacher (replicated or sharded). Byte counts per token of
@@ -197,8 +198,8 @@ class Plan:
             knobs.append("train.micro_batch_tokens (smaller), train.activation_checkpointing=true, "
                          "train.compute_dtype=bfloat16, loss.chunk_size (smaller)")
         if "rollout" in bad or "student_rollout" in bad:
-            knobs.append("prompts_per_step (fewer rows per device), rollout.max_new_tokens, "
-                         "parallel.teacher=shard, more processes (torchrun --nproc_per_node)")
+            knobs.append("rollout.max_rows (fewer rows decoded together), rollout.dtype=bfloat16, "
+                         "rollout.max_new_tokens, parallel.teacher=shard, more processes (torchrun --nproc_per_node)")
         if "eval" in bad:
             knobs.append("eval_decoding.batch, eval_decoding.max_new_tokens")
         worst = ", ".join(f"{p} {self.total(p):.1f} GB" for p in bad)
@@ -228,6 +229,8 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     ro = cfg.rollout
     rows = cfg.prompts_per_step // w * ro.n
     prompts = cfg.prompts_per_step // w
+    dec_rows = min(rows, ro.max_rows) if ro.max_rows else rows  # rows decoded together
+    dec_prompts = max(1, min(prompts, dec_rows // ro.n))  # prompts prefilled together
     length = ro.max_prompt_tokens + ro.max_new_tokens
     batch_tokens = rows * length  # the largest padded batch of a step
     mb = min(cfg.train.micro_batch_tokens or batch_tokens, batch_tokens)
@@ -235,9 +238,10 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     n_resp = mb_rows * ro.max_new_tokens  # completion tokens in one micro-batch (at most)
 
     # persistent state
+    policy_b = b_s if ro.dtype == "auto" else _BYTES[ro.dtype]  # the rollout copy (and its KV caches)
     base = {"student weights": _gb(s.params * b_s / w), "AdamW state": _gb(2 * s.params * b_s / w)}
-    if dist:
-        base["rollout copy"] = _gb(s.params * b_s)
+    if dist or policy_b != b_s:
+        base["rollout copy"] = _gb(s.params * policy_b)
     if dist and cfg.parallel.teacher == "shard":
         head = t.head_params * b_t
         base["teacher weights"] = _gb((t.params * b_t - (0 if t.tied else head)) / w + head)
@@ -250,7 +254,6 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
         grads["gathered bf16 layers + root"] = _gb(2 * (2 * s.layer_params + s.head_params))
     elif bf16:
         grads["autocast bf16 weight copies"] = _gb(2 * s.params)
-    policy_b = b_s  # the rollout copy (and the one-process student) decodes in the trained dtype today
 
     # decoding phases
     def decode(kv_terms: dict, vocab_rows: int, kind: str, prefill_rows: int) -> dict:
@@ -260,16 +263,16 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
                 "vocabulary temporaries": _gb(DECODE_VOCAB_TENSORS[kind] * vocab_rows * s.vocab * 8),
                 "prefill activations": _gb(prefill_rows * ro.max_prompt_tokens * (4 * widest + 3 * ffn) * 4)}
 
-    kv_s = rows * length * s.kv_bytes(policy_b)
-    kv_t = rows * length * t.kv_bytes(b_t)
+    kv_s = dec_rows * length * s.kv_bytes(policy_b)
+    kv_t = dec_rows * length * t.kv_bytes(b_t)
     teacher_decodes = cfg.method.name in ("trb", "fixed", "skd", "sft_warmup") and (
         cfg.method.name != "trb" or cfg.blend.kind != "none")
     if teacher_decodes:
-        plan.phases["rollout"] = decode({"student KV cache": _gb(kv_s), "teacher KV cache": _gb(kv_t)}, rows,
-                                        "blend", prompts)
+        plan.phases["rollout"] = decode({"student KV cache": _gb(kv_s), "teacher KV cache": _gb(kv_t)}, dec_rows,
+                                        "blend", dec_prompts)
     else:
         plan.skipped["rollout"] = f"method={cfg.method.name} never decodes with the teacher"
-    plan.phases["student_rollout"] = decode({"student KV cache": _gb(kv_s)}, rows, "student", prompts)
+    plan.phases["student_rollout"] = decode({"student KV cache": _gb(kv_s)}, dec_rows, "student", dec_prompts)
 
     # teacher scoring of one micro-batch (inference: one layer's temporaries at a time), gradients held
     score = {**base, **grads,
@@ -293,15 +296,17 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
               "loss chunk [chunk, V]": _gb(LOSS_VOCAB_TENSORS * chunk * s.vocab * 4)}
     plan.phases["update"] = update
 
-    # periodic eval: decoding.batch rows of the rollout copy, prompts up to max_prompt_tokens
+    # periodic eval: decoding.batch rows of the rollout copy (each prompt prefilled once per wave),
+    # prompts up to max_prompt_tokens
     d = cfg.eval_decoding
     eval_rows = d.batch
+    eval_prompts = max(1, eval_rows // d.n)
     plan.phases["eval"] = {**base,
                            "student KV cache": _gb(eval_rows * (ro.max_prompt_tokens + d.max_new_tokens)
                                                    * s.kv_bytes(policy_b)),
                            "vocabulary temporaries": _gb(DECODE_VOCAB_TENSORS["student"] * eval_rows * s.vocab * 8),
-                           "prefill activations": _gb(eval_rows * ro.max_prompt_tokens * (4 * s.hidden + 3 * s.ffn)
-                                                      * 4)}
+                           "prefill activations": _gb(eval_prompts * ro.max_prompt_tokens
+                                                      * (4 * s.hidden + 3 * s.ffn) * 4)}
     return plan
 
 

@@ -301,13 +301,19 @@ def rollout(
         if lockstep is not None:
             raise ValueError("rollout.max_rows with a teacher sharded across ranks is not supported (the ranks' "
                              "waves would differ): use rollout.max_rows=0 or parallel.teacher=replicate")
+        # waves: whole prompts x n, or (max_rows < n) each prompt's samples in groups of max_rows, the
+        # prompt prefilled once per group
         per = max(1, max_rows // n)
+        groups = [(i, i + per, 0, n) for i in range(0, prompt_ids.shape[0], per)] if max_rows >= n else \
+            [(i, i + 1, j, min(n, j + max_rows)) for i in range(prompt_ids.shape[0]) for j in range(0, n, max_rows)]
         parts = []
-        for i in range(0, prompt_ids.shape[0], per):
-            noise = generator.slice(i * n, (i + per) * n) if isinstance(generator, RowNoise) else generator
-            parts.append(rollout(student, teacher, prompt_ids[i : i + per], prompt_mask[i : i + per],
+        for lo, hi, j0, j1 in groups:
+            noise = generator
+            if isinstance(generator, RowNoise):
+                noise = generator.slice(lo * n, hi * n) if j1 - j0 == n else generator.slice(lo * n + j0, lo * n + j1)
+            parts.append(rollout(student, teacher, prompt_ids[lo:hi], prompt_mask[lo:hi],
                                  max_new_tokens=max_new_tokens, sampler=sampler, stop=stop, generator=noise,
-                                 timings=timings, n=n, static_cache=static_cache, compile_step=compile_step,
+                                 timings=timings, n=j1 - j0, static_cache=static_cache, compile_step=compile_step,
                                  check_every=check_every))
         return concat_rollouts(parts, stop.pad_id)
     if compile_step and not static_cache:

@@ -606,6 +606,12 @@ def finish(s: _Session, log) -> dict:
     run.grader.close()
     replicas = distributed.gather(param_digest(run.policy))  # every rank's final weights, hashed
     teacher = run.teacher
+    copy_info = {"dtype": str(run.policy.dtype).removeprefix("torch."),
+                 "separate": run.policy is not run.objective.student}
+    if copy_info["separate"] and not world.distributed:  # the copy is the master rounded to its dtype
+        copy_info["max_abs_diff_to_master"] = max(
+            float((p.detach().to(q.dtype) - q).abs().max()) for p, q in
+            zip(run.objective.student.parameters(), run.policy.parameters()))
     summary = {
         "run_dir": str(s.run_dir),
         "method": run.method.name,
@@ -613,6 +619,7 @@ def finish(s: _Session, log) -> dict:
         "checkpoint": str(ckpt or list_checkpoints(s.run_dir)[-1]),
         "steps": cfg.steps,
         "processes": world.size,
+        "rollout_copy": copy_info,
         "replica_sha256": replicas,
         "teacher_params": {"total": sum(p.numel() for p in teacher.parameters()),  # held by rank 0 (sharded: less)
                            "rank0": sum((p.to_local() if isinstance(p, DTensor) else p).numel()
