@@ -511,6 +511,16 @@ MEMORY_CASES = {
     "update-8-vs-32-seqs": dict(student=(256, 4, 4, 2, 64, 768), teacher=(256, 2, 4, 2, 64, 512), vocab=8192,
                                 prompts=16, n=2, prompt_len=64, new_tokens=448, budget=1024, chunk=256, ckpt=False,
                                 dtype="float32", phases=("update",)),
+    "decode-bound-8-rows": dict(student=(128, 8, 4, 4, 64, 384), teacher=(192, 8, 4, 4, 64, 512), vocab=4096,
+                                prompts=4, n=2, prompt_len=32, new_tokens=480, budget=0, chunk=256, ckpt=False,
+                                dtype="float32", max_rows=8, phases=("student_rollout",)),
+    "decode-bound-32-rows": dict(student=(128, 8, 4, 4, 64, 384), teacher=(192, 8, 4, 4, 64, 512), vocab=4096,
+                                 prompts=16, n=2, prompt_len=32, new_tokens=480, budget=0, chunk=256, ckpt=False,
+                                 dtype="float32", max_rows=8, phases=("student_rollout",)),
+    "decode-bound-32-rows-bf16-copy": dict(student=(128, 8, 4, 4, 64, 384), teacher=(192, 8, 4, 4, 64, 512),
+                                           vocab=4096, prompts=16, n=2, prompt_len=32, new_tokens=480, budget=0,
+                                           chunk=256, ckpt=False, dtype="float32", max_rows=8,
+                                           rollout_dtype="bfloat16", phases=("student_rollout",)),
     "decode": dict(student=(128, 8, 4, 4, 64, 384), teacher=(192, 8, 4, 4, 64, 512), vocab=4096, prompts=8, n=2,
                    prompt_len=32, new_tokens=480, budget=0, chunk=256, ckpt=False, dtype="float32", eval_batch=32,
                    phases=("rollout", "student_rollout", "eval")),
@@ -546,7 +556,8 @@ def _case_config(case: dict):
     return TrainConfig(student=ModelConfig(path="bench"), teacher=ModelConfig(path="bench"),
                        loss=LossConfig(chunk_size=case["chunk"]), logger=LoggerConfig(kind="none"),
                        rollout=RolloutConfig(n=case["n"], max_new_tokens=case["new_tokens"],
-                                             max_prompt_tokens=case["prompt_len"]),
+                                             max_prompt_tokens=case["prompt_len"], max_rows=case.get("max_rows", 0),
+                                             dtype=case.get("rollout_dtype", "auto")),
                        train=StepConfig(micro_batch_tokens=case["budget"], activation_checkpointing=case["ckpt"],
                                         compute_dtype=case["dtype"]),
                        eval_decoding=DecodingConfig(batch=case.get("eval_batch", 8), max_new_tokens=case["new_tokens"]),
@@ -623,12 +634,22 @@ def measure_phase(name: str, phase: str) -> dict:
         _reset_hwm()
         teacher_scores(teacher, _FakeRollout(seqs), stop, cfg.train.micro_batch_tokens)
     elif phase in ("rollout", "student_rollout", "eval"):
+        import copy
+
+        from trb.blend import RowNoise
+
         n_rows = case.get("eval_batch", 8) if phase == "eval" else case["prompts"]
+        n = 1 if phase == "eval" else case["n"]
         ids = torch.randint(1, v, (n_rows, p_len), generator=g)
         sampler = Sampler("trb", eps=0.01) if phase == "rollout" else Sampler("student")
-        _rollout(student, teacher if phase == "rollout" else None, ids, torch.ones_like(ids), max_new_tokens=t_len,
-                 sampler=sampler, stop=stop, generator=torch.Generator().manual_seed(0),
-                 n=1 if phase == "eval" else case["n"])
+        policy = student
+        if cfg.rollout.dtype != "auto":  # the rollout copy, next to the float32 master
+            policy = copy.deepcopy(student).to(getattr(torch, cfg.rollout.dtype)).requires_grad_(False)
+        gc.collect()
+        _reset_hwm()
+        _rollout(policy, teacher if phase == "rollout" else None, ids, torch.ones_like(ids), max_new_tokens=t_len,
+                 sampler=sampler, stop=stop, generator=RowNoise(0, range(n_rows * n), "cpu"), n=n,
+                 max_rows=cfg.rollout.max_rows)
     else:
         raise ValueError(f"unknown phase {phase!r}")
     return {"measured_gb": (_hwm_mb() - base) * 2**20 / 1e9}
@@ -673,4 +694,120 @@ def bench_memory(cases=None, log=print) -> dict:
     if ("update-fp32", "update") in by and ("update-8-vs-32-seqs", "update") in by:
         out["flat_ratio_32_vs_8_sequences"] = by[("update-8-vs-32-seqs", "update")] / by[("update-fp32", "update")]
         log(f"update peak, 32 vs 8 sequences at the same token budget: {out['flat_ratio_32_vs_8_sequences']:.3f}")
+    a, b, c = (("decode-bound-8-rows", "student_rollout"), ("decode-bound-32-rows", "student_rollout"),
+               ("decode-bound-32-rows-bf16-copy", "student_rollout"))
+    if a in by and b in by:
+        out["rollout_flat_ratio_32_vs_8_rows"] = by[b] / by[a]
+        log(f"rollout peak, 32 vs 8 local rows at rollout.max_rows=8: {out['rollout_flat_ratio_32_vs_8_rows']:.3f}")
+    if b in by and c in by:
+        out["rollout_bf16_vs_fp32_copy"] = by[c] / by[b]
+        log(f"rollout peak with a bf16 rollout copy vs the float32 student: {out['rollout_bf16_vs_fp32_copy']:.3f} "
+            f"(both include the float32 master weights)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding at scale: rows leaving the batch, eval prefix sharing, speculative under the row bound
+# ---------------------------------------------------------------------------------------------
+
+
+def _stop_bias(models, eos: int, bias: float) -> list:
+    """Raise every model's stop logit by `bias` (random models rarely stop): lengths become roughly
+    geometric, spread over 1 .. max_new_tokens."""
+    hooks = []
+    for m in models:
+        def lift(module, args, out, eos=eos):
+            out = out.clone()
+            out[..., eos] += bias
+            return out
+        hooks.append(m.get_output_embeddings().register_forward_hook(lift))
+    return hooks
+
+
+def bench_decoding(rows: int = 32, new_tokens: int = 200, bias: float = 0.0, repeats: int = 3, log=print) -> dict:
+    """Ratios measured in one run on random Qwen3 models (student 8 x 128, teacher 8 x 192, vocab 4,096):
+
+    - useful tokens/s of a variable-length workload with finished rows leaving the batch vs every row
+      held to the longest one (the decoder before), student-only and TRB (eps 0.01) sampling: the same
+      tokens by construction (per-row noise), so the ratio is pure speed;
+    - eval with n = 8 samples per problem: prefill rows and prefill seconds with prefix sharing vs
+      repeating each prompt 8 times (the eval before);
+    - speculative TRB sampling (k = 4) with rollout.max_rows = rows / 4 vs unbounded: acceptance and speed.
+    """
+    from trb.blend import RowNoise
+
+    torch.set_num_threads(1)
+    case = {"vocab": 4096, "student": (128, 8, 4, 4, 64, 384), "teacher": (192, 8, 4, 4, 64, 512)}
+    student, teacher = _case_models(case)
+    eos = 3
+    stop = StopSpec(stop_ids=[eos], emit_id=eos, pad_id=0)
+    hooks = _stop_bias((student, teacher), eos, bias or 3.4)
+    g = torch.Generator().manual_seed(0)
+    prompts = rows // 4
+    ids = torch.randint(4, case["vocab"], (prompts, 32), generator=g)
+    mask = torch.ones_like(ids)
+    out = {"kind": "decoding", "pair": "random-8x128-8x192-v4096", "machine": machine(), "rows": rows,
+           "new_tokens": new_tokens}
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), res
+
+    for name, sampler, t in (("student", Sampler("student"), None), ("trb", Sampler("trb", eps=0.01), teacher)):
+        def run(leave: bool, sampler=sampler, t=t):
+            return _rollout(student, t, ids, mask, max_new_tokens=new_tokens, sampler=sampler, stop=stop,
+                            generator=RowNoise(0, range(rows), "cpu"), n=4,
+                            lockstep=None if leave else (lambda finished: finished))
+        t_leave, ro = timed(lambda: run(True))
+        t_hold, ro_hold = timed(lambda: run(False))
+        assert torch.equal(ro.tokens, ro_hold.tokens)
+        lengths = ro.response_mask.sum(1)
+        useful = int(lengths.sum())
+        out[f"{name}_rows_leaving"] = {"useful_tokens": useful, "length_min": int(lengths.min()),
+                                       "length_max": int(lengths.max()), "seconds_leaving": t_leave,
+                                       "seconds_held": t_hold, "speedup": t_hold / t_leave}
+        mean = float(lengths.float().mean())
+        log(f"{name}: {rows} rows, lengths {int(lengths.min())}..{int(lengths.max())} (mean {mean:.0f}): "
+            f"useful tokens/s {useful / t_leave:.0f} with rows leaving vs {useful / t_hold:.0f} held: "
+            f"{t_hold / t_leave:.2f}x")
+    for h in hooks:
+        h.remove()
+
+    # eval, n = 8: prefix sharing vs repeated prompts (fixed length, no stop)
+    n = 8
+    ev_ids = torch.randint(4, case["vocab"], (4, 256), generator=g)
+    nostop = StopSpec(stop_ids=[case["vocab"] + 1], emit_id=case["vocab"] + 1, pad_id=0)
+
+    def ev(shared: bool):
+        tm = {}
+        x = ev_ids if shared else ev_ids.repeat_interleave(n, 0)
+        _rollout(student, None, x, torch.ones_like(x), max_new_tokens=16, sampler=Sampler("student"), stop=nostop,
+                 generator=RowNoise(0, range(4 * n), "cpu"), n=n if shared else 1, timings=tm)
+        return tm["prefill"], x.shape[0]
+    shared = [ev(True) for _ in range(repeats)]
+    repeated = [ev(False) for _ in range(repeats)]
+    ps, pr = statistics.median(x[0] for x in shared), statistics.median(x[0] for x in repeated)
+    out["eval_prefix_sharing"] = {"n": n, "prompt_tokens": 256, "prefill_rows_shared": shared[0][1],
+                                  "prefill_rows_repeated": repeated[0][1], "prefill_seconds_shared": ps,
+                                  "prefill_seconds_repeated": pr, "speedup": pr / ps}
+    log(f"eval n={n}: prefill rows {shared[0][1]} vs {repeated[0][1]}, prefill {ps * 1e3:.0f} ms vs {pr * 1e3:.0f} ms "
+        f"({pr / ps:.1f}x)")
+
+    # speculative under the row bound
+    spec = {}
+    for bound in (0, rows // 4):
+        def sp(bound=bound):
+            return _rollout(student, teacher, ids, mask, max_new_tokens=64, sampler=Sampler("trb", eps=0.01, draft_k=4),
+                            stop=nostop, generator=RowNoise(0, range(rows), "cpu"), n=4, max_rows=bound)
+        t_s, ro = timed(sp)
+        spec[bound] = {"seconds": t_s, "acceptance": float(ro.draft_accepted.sum() / ro.draft_proposed.sum())}
+    out["speculative_row_bound"] = {"unbounded": spec[0], f"max_rows_{rows // 4}": spec[rows // 4],
+                                    "time_ratio_bounded_vs_unbounded": spec[rows // 4]["seconds"] / spec[0]["seconds"]}
+    log(f"speculative k=4: acceptance {spec[0]['acceptance']:.3f} unbounded vs {spec[rows // 4]['acceptance']:.3f} "
+        f"at max_rows={rows // 4}; time {spec[rows // 4]['seconds'] / spec[0]['seconds']:.2f}x")
     return out

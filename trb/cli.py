@@ -300,6 +300,20 @@ def bench_train_cmd(
     typer.echo(f"wrote {write_result(res, out)}")
 
 
+@bench_app.command("decoding")
+def bench_decoding_cmd(
+    rows: int = typer.Option(32, help="Rows (prompts x 4) of the variable-length workload."),
+    new_tokens: int = typer.Option(200, help="Response cap of the variable-length workload."),
+    repeats: int = typer.Option(3, help="Timed repeats (median)."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/decoding_TIME.json)."),
+) -> None:
+    """Rows leaving the batch vs held (variable lengths), eval prefix sharing (n = 8), speculative
+    sampling under rollout.max_rows: ratios measured in one run."""
+    from trb.bench import bench_decoding, write_result
+
+    typer.echo(f"wrote {write_result(bench_decoding(rows, new_tokens, repeats=repeats, log=typer.echo), out)}")
+
+
 @bench_app.command("memory")
 def bench_memory_cmd(
     cases: str = typer.Option("", help="Cases, comma-separated (default: all of trb.bench.MEMORY_CASES)."),

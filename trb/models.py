@@ -43,9 +43,12 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=not local or None,
                                             trust_remote_code=cfg.trust_remote_code)
+        # on a GPU the weights go straight from the safetensors files to the device (no full copy in host RAM
+        # per rank: 8 ranks x (student + teacher) would otherwise pass through the CPU at once)
+        placement = {"device_map": str(device)} if device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_DTYPES[cfg.dtype], use_safetensors=True, local_files_only=True,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, **placement,
         )
     except ValueError as err:
         if "trust_remote_code" not in str(err):
