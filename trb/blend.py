@@ -41,6 +41,8 @@ def safe_prod(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     0 * inf = NaN into the backward of the masked entries)."""
     live = w > 0
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+        return torch.where(live, w * x, zero)  # no backward: one temporary fewer
     return torch.where(live, w, torch.zeros((), dtype=w.dtype, device=w.device)) * torch.where(live, x, zero)
 
 

@@ -257,6 +257,83 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -safe_prod(logp.exp(), logp).sum(-1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Behaviour policies: one pure step function per sampler, in a registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BehaviourStep:
+    """One decoding step of a behaviour policy for B rows: log mu [B, V] and, where the policy
+    decides them itself, the token [B], beta* [B], KL(mu || pi_S) [B], and SKD's replaced flags [B]
+    (None: the token is drawn from log mu, beta is 0, the KL is computed, nothing replaced)."""
+
+    log_mu: torch.Tensor
+    token: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    replaced: torch.Tensor | None = None
+
+
+def _student_step(s, t, sampler: Sampler, generator) -> BehaviourStep:
+    log_mu = s if sampler.temperature == 1.0 else temperature_logprobs(s, sampler.temperature)
+    return BehaviourStep(top_p_logprobs(log_mu, sampler.top_p))
+
+
+def _trb_step(s, t, sampler: Sampler, generator) -> BehaviourStep:
+    log_mu, beta, kl = trust_region_blend(s, t, sampler.eps)
+    return BehaviourStep(log_mu, beta=beta, kl=kl)
+
+
+def _skd_step(s, t, sampler: Sampler, generator) -> BehaviourStep:
+    log_mu = skd_behavior_logprobs(s, t, sampler.skd_top_k, sampler.skd_temperature)
+    if sampler.greedy:
+        return BehaviourStep(log_mu)
+    tok, replaced = skd_sample(s, t, sampler.skd_top_k, sampler.skd_temperature, generator)
+    return BehaviourStep(log_mu, token=tok, replaced=replaced)
+
+
+def _teacher_step(s, t, sampler: Sampler, generator) -> BehaviourStep:
+    return BehaviourStep(t)
+
+
+# sampler kind -> step(s, t, sampler, generator) from both models' log-probs [B, V] (t is None when
+# the teacher does not decode: trb at eps = 0 then takes the student's step). A new sampler is one
+# function here plus its name in SAMPLERS (and, if it needs the teacher, Sampler.needs_teacher).
+BEHAVIOURS: dict[str, Callable[..., BehaviourStep]] = {
+    "student": _student_step, "trb": _trb_step, "skd": _skd_step, "teacher": _teacher_step}
+
+
+# the per-token fields of a Rollout, each [B, T], and what a position past a row's end holds
+TOKEN_FIELDS = {"tokens": None, "response_mask": False, "student_logp": 0.0, "teacher_logp": float("nan"),
+                "behavior_logp": 0.0, "beta": 0.0, "kl": 0.0, "replaced": False, "teacher_entropy": float("nan")}
+
+
+class Recorder:
+    """The per-token records of B rows x up to T tokens, keyed by Rollout's own field names; the
+    per-token and speculative decoders write into it, `finish` makes the Rollout."""
+
+    def __init__(self, b: int, t: int, pad_id: int, device):
+        self.fields = {}
+        for name, fill in TOKEN_FIELDS.items():
+            if name == "tokens":
+                self.fields[name] = torch.full((b, t), pad_id, dtype=torch.long, device=device)
+            elif isinstance(fill, bool):
+                self.fields[name] = torch.zeros((b, t), dtype=torch.bool, device=device)
+            else:
+                self.fields[name] = torch.full((b, t), fill, device=device)
+
+    def write(self, rows: torch.Tensor, cols, **values: torch.Tensor) -> None:
+        for name, v in values.items():
+            dst = self.fields[name]
+            dst[rows, cols] = v.to(dst.dtype)
+
+    def finish(self, width: int, prompt_ids, prompt_mask, stop: StopSpec, **extra) -> Rollout:
+        f = {k: v[:, :width] for k, v in self.fields.items()}
+        stopped = ((f["tokens"] == stop.emit_id) & f["response_mask"]).any(1)
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, stopped=stopped, **f, **extra)
+
+
 @torch.no_grad()
 def rollout(
     student,
@@ -341,12 +418,7 @@ def rollout(
     b = prompt_ids.shape[0]
     clock.add("prefill")
 
-    shape = (b, max_new_tokens)
-    rec = {"tok": torch.full(shape, stop.pad_id, dtype=torch.long, device=dev),
-           "live": torch.zeros(shape, dtype=torch.bool, device=dev),
-           "rep": torch.zeros(shape, dtype=torch.bool, device=dev),
-           **{k: torch.zeros(shape, device=dev) for k in ("s", "mu", "beta", "kl")},
-           **{k: torch.full(shape, float("nan"), device=dev) for k in ("t", "ent")}}
+    rec = Recorder(b, max_new_tokens, stop.pad_id, dev)
     rows = torch.arange(b, device=dev)  # the batch rows still decoding, in the records' row order
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     # rows leave the batch only when that changes nothing: per-row noise streams, dynamic caches, no
@@ -354,43 +426,30 @@ def rollout(
     compact = isinstance(generator, RowNoise) and not static_cache and lockstep is None
     if check_every is None:
         check_every = 1 if dev.type == "cpu" else 8
+    step_fn = BEHAVIOURS[sampler.kind if t_step is not None else "student"]
     steps_run = 0
     for step in range(max_new_tokens):
-        live_b = rows.shape[0]
         s = _logprobs(s_step.logits, stop)
         t = _logprobs(t_step.logits, stop) if t_step is not None else None
-        replaced = torch.zeros(live_b, dtype=torch.bool, device=dev)
-        beta = torch.zeros(live_b, device=dev)
-        tok, kl = None, None
-        if sampler.kind == "teacher":
-            log_mu = t
-        elif sampler.kind == "skd":
-            log_mu = skd_behavior_logprobs(s, t, sampler.skd_top_k, sampler.skd_temperature)
-            if not sampler.greedy:
-                tok, replaced = skd_sample(s, t, sampler.skd_top_k, sampler.skd_temperature, generator)
-        elif t is not None:  # trb with eps > 0
-            clock.add(None)
-            log_mu, beta, kl = trust_region_blend(s, t, sampler.eps)
-            clock.add("search")
-        else:  # student (or trb at eps = 0): temperature only
-            log_mu = s if sampler.temperature == 1.0 else temperature_logprobs(s, sampler.temperature)
-            log_mu = top_p_logprobs(log_mu, sampler.top_p)
+        clock.add(None)
+        bs = step_fn(s, t, sampler, generator)
+        clock.add("search" if sampler.kind == "trb" and t is not None else None)
+        tok = bs.token
         if tok is None:
-            tok = log_mu.argmax(-1) if sampler.greedy else sample_from_logprobs(log_mu, generator)
+            tok = bs.log_mu.argmax(-1) if sampler.greedy else sample_from_logprobs(bs.log_mu, generator)
         live = ~done
         tok = torch.where(live, tok, torch.full_like(tok, stop.pad_id))
+        kl = bs.kl
         if kl is None:
-            kl = kl_divergence(log_mu, s) if log_mu is not s else torch.zeros(live_b, device=dev)
-        rec["tok"][rows, step] = tok
-        rec["live"][rows, step] = live
-        rec["s"][rows, step] = s.gather(-1, tok[:, None])[:, 0]
-        rec["mu"][rows, step] = log_mu.gather(-1, tok[:, None])[:, 0].float()
-        rec["beta"][rows, step] = beta.float()
-        rec["kl"][rows, step] = kl.float()
-        rec["rep"][rows, step] = replaced & live
+            kl = kl_divergence(bs.log_mu, s) if bs.log_mu is not s else torch.zeros(tok.shape[0], device=dev)
+        rec.write(rows, step, tokens=tok, response_mask=live, student_logp=s.gather(-1, tok[:, None])[:, 0],
+                  behavior_logp=bs.log_mu.gather(-1, tok[:, None])[:, 0], kl=kl)
+        if bs.beta is not None:
+            rec.write(rows, step, beta=bs.beta)
+        if bs.replaced is not None:
+            rec.write(rows, step, replaced=bs.replaced & live)
         if t is not None:
-            rec["t"][rows, step] = t.gather(-1, tok[:, None])[:, 0]
-            rec["ent"][rows, step] = _entropy(t)
+            rec.write(rows, step, teacher_logp=t.gather(-1, tok[:, None])[:, 0], teacher_entropy=_entropy(t))
         done = done | (tok == stop.emit_id)
         steps_run = step + 1
         clock.count("steps")
@@ -411,45 +470,30 @@ def rollout(
         if t_step is not None:
             t_step.extend(tok[:, None])
 
-    st = {k: v[:, :steps_run] for k, v in rec.items()}
+    live = rec.fields["response_mask"][:, :steps_run]
     # < steps when the loop ran past every row's stop (check_every > 1, or lockstep across ranks)
-    width = int(st["live"].any(0).nonzero().max()) + 1 if b and steps_run else 0
-    st = {k: v[:, :width] for k, v in st.items()}
-    mask = st["live"]
-    return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        tokens=st["tok"],
-        response_mask=mask,
-        student_logp=st["s"],
-        teacher_logp=st["t"],
-        behavior_logp=st["mu"],
-        beta=st["beta"],
-        kl=st["kl"],
-        replaced=st["rep"],
-        teacher_entropy=st["ent"],
-        stopped=(st["tok"] == stop.emit_id).any(dim=1),
-        teacher_decoded=t_step is not None,
-    )
+    width = int(live.any(0).nonzero().max()) + 1 if b and steps_run else 0
+    return rec.finish(width, prompt_ids, prompt_mask, stop, teacher_decoded=t_step is not None)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Rollouts of consecutive row blocks as one (completions right-padded to the longest)."""
+    """Rollouts of consecutive row blocks as one: prompts left-padded and completions right-padded
+    to the widest."""
     width = max(p.tokens.shape[1] for p in parts)
-    fill = {"tokens": pad_id, "response_mask": False, "replaced": False, "teacher_logp": float("nan"),
-            "teacher_entropy": float("nan")}
+    p_width = max(p.prompt_ids.shape[1] for p in parts)
 
-    def pad(x: torch.Tensor, value) -> torch.Tensor:
-        extra = width - x.shape[1]
-        return x if extra == 0 else torch.cat([x, x.new_full((x.shape[0], extra), value)], 1)
+    def pad(x: torch.Tensor, value, to: int, left: bool = False) -> torch.Tensor:
+        extra = to - x.shape[1]
+        if extra == 0:
+            return x
+        fill = x.new_full((x.shape[0], extra), value)
+        return torch.cat([fill, x] if left else [x, fill], 1)
 
-    fields = {}
-    for name in ("tokens", "response_mask", "student_logp", "teacher_logp", "behavior_logp", "beta", "kl",
-                 "replaced", "teacher_entropy"):
-        fields[name] = torch.cat([pad(getattr(p, name), fill.get(name, 0.0)) for p in parts])
+    fields = {name: torch.cat([pad(getattr(p, name), pad_id if fill is None else fill, width) for p in parts])
+              for name, fill in TOKEN_FIELDS.items()}
     spec = [p for p in parts if p.draft_accepted is not None]
-    return Rollout(prompt_ids=torch.cat([p.prompt_ids for p in parts]),
-                   prompt_mask=torch.cat([p.prompt_mask for p in parts]),
+    return Rollout(prompt_ids=torch.cat([pad(p.prompt_ids, pad_id, p_width, left=True) for p in parts]),
+                   prompt_mask=torch.cat([pad(p.prompt_mask, 0, p_width, left=True) for p in parts]),
                    stopped=torch.cat([p.stopped for p in parts]), teacher_decoded=parts[0].teacher_decoded,
                    draft_accepted=torch.cat([p.draft_accepted for p in spec]) if spec else None,
                    draft_proposed=torch.cat([p.draft_proposed for p in spec]) if spec else None, **fields)
@@ -531,9 +575,7 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
     pending = prompt_ids[:, -1]  # the last valid token the teacher has not seen yet
     clock.add("prefill")
 
-    shape = (b, max_new_tokens)
-    out = {name: torch.zeros(shape, device=dev) for name in ("s", "t", "mu", "beta", "kl", "ent")}
-    tokens = torch.full(shape, stop.pad_id, dtype=torch.long, device=dev)
+    rec = Recorder(b, max_new_tokens, stop.pad_id, dev)
     written = torch.zeros(b, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     accepted = torch.zeros(b, dtype=torch.long, device=dev)
@@ -577,7 +619,7 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         count = n_acc + 1  # tokens emitted this round, before EOS / length limits
         # 4. records of the emitted tokens (at most k + 1 per row)
         t_ent = _entropy(t_all)
-        lp = {"s": s_all, "t": t_all}
+        lp = {"student_logp": s_all, "teacher_logp": t_all}
         pos = torch.arange(kr + 1, device=dev)[None, :]
         is_stop = (cand == stop.emit_id) & (pos < count[:, None])
         first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, count)
@@ -587,16 +629,13 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         r_idx, p_idx = live.nonzero(as_tuple=True)
         dst = written[r_idx] + p_idx
         tok_sel = cand[r_idx, p_idx]
-        tokens[r_idx, dst] = tok_sel
-        for name, full in lp.items():
-            out[name][r_idx, dst] = full[r_idx, p_idx].gather(-1, tok_sel[:, None])[:, 0].float()
+        rec.write(r_idx, dst, tokens=tok_sel, response_mask=torch.ones_like(tok_sel, dtype=torch.bool),
+                  **{name: full[r_idx, p_idx].gather(-1, tok_sel[:, None])[:, 0] for name, full in lp.items()})
         # log mu of the emitted tokens: accepted drafts from blend_at, the last one from mu_j
         cand_mu = torch.cat([lp_mu_d, torch.zeros_like(lp_mu_d[:, :1])], 1)
         cand_mu = cand_mu.scatter(1, n_acc[:, None], mu_j.gather(-1, y[:, None]).float())
-        out["mu"][r_idx, dst] = cand_mu[r_idx, p_idx]
-        out["beta"][r_idx, dst] = beta[r_idx, p_idx].float()
-        out["kl"][r_idx, dst] = kl[r_idx, p_idx].float()
-        out["ent"][r_idx, dst] = t_ent[r_idx, p_idx].float()
+        rec.write(r_idx, dst, behavior_logp=cand_mu[r_idx, p_idx], beta=beta[r_idx, p_idx], kl=kl[r_idx, p_idx],
+                  teacher_entropy=t_ent[r_idx, p_idx])
         # acceptance bookkeeping: one accept/reject decision per drafted position reached and used
         decided = torch.minimum(torch.minimum(n_acc + 1, torch.full_like(n_acc, kr)), n_emit)
         accepted += torch.minimum(n_acc, n_emit)
@@ -613,12 +652,5 @@ def speculative_rollout(student, teacher, prompt_ids: torch.Tensor, prompt_mask:
         pending = y
 
     width = int(written.max()) if b else 0
-    mask = torch.arange(width, device=dev)[None, :] < written[:, None]
-    toks = tokens[:, :width]
-    return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=toks, response_mask=mask,
-        student_logp=out["s"][:, :width], teacher_logp=out["t"][:, :width], behavior_logp=out["mu"][:, :width],
-        beta=out["beta"][:, :width], kl=out["kl"][:, :width], replaced=torch.zeros_like(mask),
-        teacher_entropy=out["ent"][:, :width], stopped=((toks == stop.emit_id) & mask).any(1),
-        teacher_decoded=True, draft_accepted=accepted, draft_proposed=proposed,
-    )
+    return rec.finish(width, prompt_ids, prompt_mask, stop, teacher_decoded=True, draft_accepted=accepted,
+                      draft_proposed=proposed)

@@ -30,30 +30,10 @@ from trb.diagnostics import effective_temperature, rollout_metrics, sequence_sup
 from trb.evaluate import decode_completions
 from trb.grading import Grader
 from trb.models import check_pair, load_model, prepare_run
-from trb.rollout import Rollout, Sampler, StopSpec, rollout, teacher_scores
+from trb.rollout import TOKEN_FIELDS, Sampler, StopSpec, concat_rollouts, rollout, teacher_scores
 from trb.tracking import Tracker
 from trb.methods import Method
 from trb.train import encode_batch, seed_everything
-
-
-def _cat_rollouts(parts: list[Rollout]) -> dict[str, torch.Tensor]:
-    """Per-token fields of several rollouts, padded to one length, concatenated over rows."""
-    width = max(p.tokens.shape[1] for p in parts)
-    out: dict[str, list[torch.Tensor]] = {}
-    for p in parts:
-        for name in ("tokens", "response_mask", "student_logp", "teacher_logp", "behavior_logp", "beta", "kl",
-                     "replaced", "teacher_entropy"):
-            x = getattr(p, name)
-            pad = width - x.shape[1]
-            if pad:
-                fill = False if x.dtype == torch.bool else 0
-                x = torch.cat([x, torch.full((x.shape[0], pad), fill, dtype=x.dtype, device=x.device)], dim=1)
-            out.setdefault(name, []).append(x)
-        out.setdefault("stopped", []).append(p.stopped)
-        if p.draft_proposed is not None:
-            out.setdefault("draft_accepted", []).append(p.draft_accepted)
-            out.setdefault("draft_proposed", []).append(p.draft_proposed)
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,14 +157,13 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
         raise ValueError(f"no prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
     seconds = time.time() - t0
 
-    st = _cat_rollouts(parts)
+    merged = concat_rollouts(parts, stop.pad_id)
+    st = {name: getattr(merged, name) for name in (*TOKEN_FIELDS, "stopped")}
     texts = decode_completions(tok, st["tokens"], st["response_mask"])
     with Grader(workers=1) as grader:
         golds = [r["gold"] for r, _ in kept]
         graded = grader.grade(texts, [g if g is not None else "" for g in golds])
         correct = [bool(ok) and g is not None for ok, g in zip(graded, golds)]
-        merged = Rollout(prompt_ids=torch.zeros(len(kept), 0, dtype=torch.long),
-                         prompt_mask=torch.zeros(len(kept), 0, dtype=torch.long), teacher_decoded=True, **st)
         support = sequence_support(merged).tolist()
         records = []
         index = {id(r): k for k, r in enumerate(rows)}
