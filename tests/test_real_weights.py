@@ -26,7 +26,7 @@ PROBLEMS = [
 def smollm2(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trb.bench import smollm2_folder
+    from trb.bench import keep_every_nth_layer, smollm2_folder
 
     folder = smollm2_folder()
     if folder is None:
@@ -45,14 +45,7 @@ def smollm2(tmp_path_factory):
     del loaded
     teacher.save_pretrained(root / "teacher", safe_serialization=True)
     tok.save_pretrained(root / "teacher")
-    keep = list(range(0, teacher.config.num_hidden_layers, 4))
-    teacher.model.layers = torch.nn.ModuleList([teacher.model.layers[i] for i in keep])
-    for i, layer in enumerate(teacher.model.layers):
-        layer.self_attn.layer_idx = i
-    teacher.config.num_hidden_layers = len(keep)
-    if getattr(teacher.config, "layer_types", None):
-        teacher.config.layer_types = [teacher.config.layer_types[i] for i in keep]
-    teacher.save_pretrained(root / "student", safe_serialization=True)
+    keep_every_nth_layer(teacher, 4).save_pretrained(root / "student", safe_serialization=True)  # 8 of 30 layers
     tok.save_pretrained(root / "student")
     data = root / "gsm8k_fixture.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PROBLEMS))

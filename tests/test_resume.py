@@ -1,6 +1,8 @@
 """Exact resume: a run interrupted after a checkpoint and restarted ends bit-identical to an
 uninterrupted one; checkpoints prune with keep_last; a run dir of another run is refused."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -116,3 +118,21 @@ def test_wandb_resumes_the_same_run_id(pair, tmp_path):
     runs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "r" / "wandb_run_id").read_text()
     assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs)
+
+
+def test_decoding_knobs_may_change_on_resume(tmp_path):
+    """A run that ran out of memory continues with a smaller row bound or micro-batch budget; a
+    change of what it trains on (here the learning rate) is still refused."""
+    from trb.checkpoint import find_resume
+
+    base = TrainConfig(logger=LoggerConfig(kind="none"))
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "trainer_state.pt").write_bytes(b"")
+    (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(base)))
+    changed = dataclasses.replace(base, rollout=dataclasses.replace(base.rollout, max_rows=8, dtype="bfloat16"),
+                                  train=dataclasses.replace(base.train, micro_batch_tokens=4096),
+                                  eval_decoding=dataclasses.replace(base.eval_decoding, batch=8))
+    assert find_resume(changed, run) == run / "checkpoints" / "step_000002"
+    with pytest.raises(ValueError, match="optim"):
+        find_resume(dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=0.5)), run)

@@ -67,6 +67,18 @@ def smollm2_folder() -> Path | None:
     return folder if any(folder.glob("*.gguf")) else None
 
 
+def keep_every_nth_layer(model, n: int):
+    """`model` with only its decoder layers 0, n, 2n, ... (in place; the benchmark and smoke-test students)."""
+    keep = list(range(0, model.config.num_hidden_layers, n))
+    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
 def _smollm2():
     folder = smollm2_folder()
     if folder is None:
@@ -81,15 +93,7 @@ def _smollm2():
     gguf = next(folder.glob("*.gguf")).name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    student = copy.deepcopy(teacher)
-    keep = list(range(0, teacher.config.num_hidden_layers, 4))  # 8 of 30 layers
-    student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in keep])
-    for new_idx, layer in enumerate(student.model.layers):
-        layer.self_attn.layer_idx = new_idx
-    student.config.num_hidden_layers = len(keep)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in keep]
-    return student, teacher, tok
+    return keep_every_nth_layer(copy.deepcopy(teacher), 4), teacher, tok  # 8 of 30 layers
 
 
 RANDOM_PAIRS = {  # vocab, student and teacher (hidden, layers, heads, kv heads, ffn), dtype, description

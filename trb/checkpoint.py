@@ -89,14 +89,25 @@ def restore_rng(state: dict) -> None:
 # memory knobs (train: micro-batches, checkpointing, compute dtype; plan) may change on resume: a run that ran
 # out of memory continues with a smaller budget
 _RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device", "parallel", "train", "plan")
+# ... and inside sections: how rollouts are decoded (the same tokens: per-row noise) and evaluated
+_RESUMABLE_IGNORED_FIELDS = {"rollout": ("max_rows", "dtype", "static_cache", "compile_step", "compile_search"),
+                             "eval_decoding": ("batch",)}
+
+
+def _comparable(config: dict) -> dict:
+    out = {k: v for k, v in config.items() if k not in _RESUMABLE_IGNORED}
+    for section, fields in _RESUMABLE_IGNORED_FIELDS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in fields}
+    return out
 
 
 def find_resume(cfg, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: resume=PATH, or (auto) the run dir's last complete one.
 
     A run dir whose train_config.json describes a different run (in any key but those of
-    _RESUMABLE_IGNORED) is
-    refused rather than mixed with this one."""
+    _RESUMABLE_IGNORED, and the decoding knobs of _RESUMABLE_IGNORED_FIELDS) is refused rather than
+    mixed with this one."""
     if cfg.resume == "never":
         return None
     if cfg.resume != "auto":
@@ -112,7 +123,8 @@ def find_resume(cfg, run_dir: Path) -> Path | None:
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_IGNORED and saved.get(k) != now.get(k))
+        saved, now = _comparable(saved), _comparable(now)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
             raise ValueError(f"the run dir {run_dir} holds a different run (its train_config.json differs in: "
                              f"{', '.join(diff)}); use another output_dir / hydra.run.dir, or resume=never to "
