@@ -116,17 +116,24 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
 
 
 def test_two_processes_in_bf16_with_activation_checkpointing(tmp_path):
-    """FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 reduce) + checkpointed layers + micro-batches:
-    trains, keeps float32 master weights (the checkpoint is float32), identical replicas."""
+    """FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 reduce) + checkpointed layers + micro-batches + a
+    bf16 rollout copy: trains, the checkpoint holds the float32 master weights gathered from the
+    shards (the toy ties its embeddings), identical replicas."""
     out = tmp_path / "bf16"
     r = _run(["train", "steps=2", "prompts_per_step=4", "rollout.n=2", "eval_every=0", "logger.kind=none",
               "rollout.max_prompt_tokens=60", MICRO, "train.activation_checkpointing=true",
-              "train.compute_dtype=bfloat16", f"output_dir={out}"], tmp_path, procs=2)
+              "train.compute_dtype=bfloat16", "rollout.dtype=bfloat16", f"output_dir={out}"], tmp_path, procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(set(summary["replica_sha256"])) == 1
     w = _weights(out, 2)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
+    assert summary["rollout_copy"]["dtype"] == "bfloat16"
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_000002")
+    assert reloaded.dtype == torch.float32  # config.json says float32, as the weights are
+    assert torch.equal(reloaded.get_output_embeddings().weight, reloaded.get_input_embeddings().weight)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(recs) == 2 and all(0 < x["loss"] < 10 and x["grad_norm"] > 0 for x in recs)
 

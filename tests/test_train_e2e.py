@@ -45,7 +45,7 @@ def test_train_cli_artefacts(pair, tmp_path):
     assert [x["step"] for x in steps] == list(range(6))
     required = ["loss", "lr", "eps", "beta/mean", "beta/p50", "beta/p90", "beta/frac_zero", "beta/frac_one",
                 "kl_mu_student/mean", "kl_mu_student/max", "teacher/entropy", "teacher/logp", "rollout/reward",
-                "rollout/length", "throughput/rollout_tok_s", "throughput/train_tok_s", "time/rollout",
+                "rollout/length", "throughput/rollout_tok_s", "throughput/train_tok_s", "time/rollout", "support_score",
                 "time/teacher", "time/update"]
     for x in steps:
         for k in required:

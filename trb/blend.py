@@ -251,7 +251,7 @@ def _newton(s: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, lo: torch.Tenso
         ok = torch.isfinite(nxt) & (nxt > lo) & (nxt < hi)
         # a row whose Newton step has converged keeps its iterate: stepping on would land on hi (an
         # iterate approached from the infeasible side) and fall back to bisecting from lo
-        converged = converged | (torch.isfinite(nxt) & ((nxt - beta).abs() <= 1e-12)) | (hi - lo <= 2.0**-40)
+        converged = converged | (torch.isfinite(nxt) & ((nxt - beta).abs() <= 1e-12 * beta)) | (hi - lo <= 2.0**-40)
         beta = torch.where(converged, beta, torch.where(ok, nxt, 0.5 * (lo + hi)))
         if early_exit and bool(converged.all()):
             break

@@ -53,7 +53,8 @@ def rollout_metrics(ro, rewards: list[bool], eps: float, temperature: float = 1.
         "kl_mu_student/max": float(kl.max()),
         "teacher/entropy": float(ro.teacher_entropy[m].mean()),
         "teacher/logp": float(ro.teacher_logp[m].mean()),
-        "support_score": float(((ro.teacher_logp - ro.student_logp) * m).sum() / m.sum()),
+        # where(), not a product with the mask: positions past a row's end hold NaN teacher records
+        "support_score": float(torch.where(m, ro.teacher_logp - ro.student_logp, 0.0).sum() / m.sum()),
         "support_score/seq_mean": float(seq.mean()),
         "support_score/seq_p10": s_p10,
         "support_score/seq_p50": s_p50,

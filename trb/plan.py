@@ -250,8 +250,9 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     grads = {"gradients": _gb(s.params * 4 / w)}
     if dist and cfg.train.micro_batch_tokens and mb < batch_tokens:  # no reduce-scatter until the last micro-batch
         grads["unsharded gradients (accumulating)"] = _gb(s.params * 4)
-    if dist and bf16:
-        grads["gathered bf16 layers + root"] = _gb(2 * (2 * s.layer_params + s.head_params))
+    if dist:  # FSDP2 all-gathers the current and the prefetched layer, and the root (embeddings + head)
+        gathered = 2 * s.layer_params + s.head_params * (1 if s.tied else 2)
+        grads[f"gathered {'bf16' if bf16 else 'fp32'} layers + root"] = _gb((2 if bf16 else b_s) * gathered)
     elif bf16:
         grads["autocast bf16 weight copies"] = _gb(2 * s.params)
 
@@ -259,6 +260,8 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     def decode(kv_terms: dict, vocab_rows: int, kind: str, prefill_rows: int) -> dict:
         widest = max(s.hidden, t.hidden if kind == "blend" else 0)
         ffn = max(s.ffn, t.ffn if kind == "blend" else 0)
+        if kind == "blend" and ro.draft_k:  # speculative: k + 1 positions of float64 log-probs per row and round
+            vocab_rows *= ro.draft_k + 1
         return {**base, **kv_terms,
                 "vocabulary temporaries": _gb(DECODE_VOCAB_TENSORS[kind] * vocab_rows * s.vocab * 8),
                 "prefill activations": _gb(prefill_rows * ro.max_prompt_tokens * (4 * widest + 3 * ffn) * 4)}

@@ -371,8 +371,9 @@ def rollout(
     least one prompt) decode together, the prompts queued in waves. With a `RowNoise` generator
     a row's tokens and records do not depend on max_rows, and rows that stopped leave the batch
     (both models' dynamic KV caches shrink to the live rows) at every check; with a plain
-    torch.Generator every row stays to the end, as the draws depend on the batch. Returns a
-    `Rollout`.
+    torch.Generator every row stays to the end, as the draws depend on the batch. (The
+    speculative sampler draws the same distribution under any bound, but how many drafts a round
+    takes depends on its batch, so its tokens do.) Returns a `Rollout`.
     """
     if max_rows and prompt_ids.shape[0] * n > max_rows:
         if lockstep is not None:
