@@ -107,21 +107,12 @@ def _rollout(student, teacher, tok, sampler):
 
 
 def _grads(run, ro, step=0):
-    """Gradients of one update on rollout `ro` under run's settings (the same make_loss as opd_step)."""
-    from trb.losses import Target, chunked_distill_loss
-    from trb.rollout import score_micro_batch
-    from trb.train import update
+    """Gradients of one update on rollout `ro` under run's settings (opd_step's loss)."""
+    from trb.losses import Target
+    from trb.train import distill_loss, update
 
     target = Target(tuple(run.stop.stop_ids), run.stop.emit_id, run.method.veto_b(step))
-
-    def make_loss(mb, denominator):
-        h_t = score_micro_batch(run.teacher, ro, mb, run.stop)
-        return lambda h_s, head: chunked_distill_loss(
-            h_s, head, h_t, run.teacher.get_output_embeddings(), run.estimator, target,
-            tokens=ro.tokens[mb.rows, mb.cols], behavior_logprobs=ro.behavior_logp[mb.rows, mb.cols],
-            chunk_size=run.cfg.loss.chunk_size, denominator=denominator)
-
-    up = update(run, ro, make_loss, step)
+    up = update(run, ro, distill_loss(run, ro, target), step)
     return run.opt.grads, up
 
 

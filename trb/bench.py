@@ -587,11 +587,11 @@ def measure_phase(name: str, phase: str) -> dict:
     """Run one phase of a memory case through trb's own code (in this fresh process) and return the
     rise of peak RSS (VmHWM) over the RSS before any model existed, in GB."""
     from trb.distributed import World
-    from trb.losses import Estimator, Target, chunked_distill_loss
+    from trb.losses import Estimator, Target
     from trb.methods import Method
 
-    from trb.rollout import score_micro_batch, teacher_scores
-    from trb.train import StudentObjective, _Run, update
+    from trb.rollout import teacher_scores
+    from trb.train import StudentObjective, _Run, distill_loss, update
 
     torch.set_num_threads(1)
     if not name.startswith("_"):  # imports, kernels and library buffers first-used by the phase's code
@@ -620,12 +620,7 @@ def measure_phase(name: str, phase: str) -> dict:
     run = _Run(cfg, World(), objective, student, teacher, None, opt, stop, None, g, torch.device("cpu"),
                Method(cfg.method, cfg.blend), Estimator.from_config(cfg.loss))
 
-    def make_loss(mb, denominator):
-        ro = _FakeRollout(seqs)
-        h_t = score_micro_batch(teacher, ro, mb, stop)
-        return lambda h_s, head: chunked_distill_loss(h_s, head, h_t, teacher.get_output_embeddings(),
-                                                      run.estimator, Target(), chunk_size=cfg.loss.chunk_size,
-                                                      denominator=denominator)
+    make_loss = distill_loss(run, _FakeRollout(seqs), Target())  # the training step's loss
 
     update(run, seqs, make_loss, 0)  # AdamW state exists from here on, as in every step after the first
     gc.collect()
@@ -667,6 +662,7 @@ class _FakeRollout(Sequences):
         self.teacher_decoded = False
         self.teacher_logp = torch.full(seqs.tokens.shape, float("nan"))
         self.teacher_entropy = torch.full(seqs.tokens.shape, float("nan"))
+        self.behavior_logp = torch.zeros(seqs.tokens.shape)  # unused by the top-k loss
 
 
 def bench_memory(cases=None, log=print) -> dict:

@@ -126,11 +126,19 @@ def trust_region_beta(
         final bracket, so the constraint holds as evaluated in the working precision, and beta is
         within 2**-iters of the boundary.
     """
+    return _trust_region(student_logprobs, teacher_logprobs, eps, iters=iters, method=method)[2]
+
+
+def _trust_region(student_logprobs, teacher_logprobs, eps, rounded_inputs: bool = False, iters: int = SEARCH_ITERS,
+                  method: str | None = None):
+    """The shared entry of the trust-region functions: (s, t renormalised in float64, beta* rounded
+    down to the output dtype - the feasible side, as KL is monotone in beta - and that dtype:
+    float64 if an input is, else float32). rounded_inputs: float64 inputs that were float32
+    log-probs (the search keeps the float32 margin)."""
     s, t = renormalise(student_logprobs), renormalise(teacher_logprobs)
-    beta = _search(s, t, eps, iters, method, _roundoff(student_logprobs, teacher_logprobs))
-    out_dtype = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
-    # rounding down to float32 keeps the feasible side (KL is monotone in beta)
-    return _round_down(beta, out_dtype)
+    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
+    roundoff = 2.0**-24 if rounded_inputs else _roundoff(student_logprobs, teacher_logprobs)
+    return s, t, _round_down(_search(s, t, eps, iters, method, roundoff), out), out
 
 
 _ROUNDOFF = {torch.float64: 0.0, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -284,10 +292,7 @@ def trust_region_stats(
     `trust_region_blend`; used where only a few tokens' log mu are needed (speculative sampling).
     Shapes: [..., V] -> [...] x 3 (beta, KL float32 rounded down; log Z float64). rounded_inputs:
     float64 inputs that were float32 log-probs (the search keeps the float32 margin)."""
-    s, t = renormalise(student_logprobs), renormalise(teacher_logprobs)
-    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
-    roundoff = 2.0**-24 if rounded_inputs else _roundoff(student_logprobs, teacher_logprobs)
-    beta = _round_down(_search(s, t, eps, roundoff=roundoff), out)
+    s, t, beta, out = _trust_region(student_logprobs, teacher_logprobs, eps, rounded_inputs)
     shape, v = s.shape[:-1], s.shape[-1]
     log_z, kl = _KERNELS["blend_stats"](s.reshape(-1, v), t.reshape(-1, v), beta.double().reshape(-1))
     return beta, log_z.reshape(shape), _round_down(kl.reshape(shape), out)
@@ -338,11 +343,8 @@ def trust_region_blend(
 
     Shapes: inputs [..., V]; returns [..., V], [...], [...] in float32 (float64 if given).
     """
-    s, t = renormalise(student_logprobs), renormalise(teacher_logprobs)
-    out = torch.float64 if torch.float64 in (student_logprobs.dtype, teacher_logprobs.dtype) else torch.float32
-    # rounded towards 0 (the feasible side); the blend uses this beta
-    beta = _round_down(_search(s, t, eps, roundoff=_roundoff(student_logprobs, teacher_logprobs)), out)
-    log_mu = blend_logprobs(s, t, beta.double())
+    s, t, beta, out = _trust_region(student_logprobs, teacher_logprobs, eps)
+    log_mu = blend_logprobs(s, t, beta.double())  # the blend at the recorded (rounded-down) beta
     kl = kl_divergence(log_mu, s)  # against the renormalised student: the constraint as it truly holds
     # the realised KL is rounded towards 0 too, so a recorded KL never exceeds eps
     return log_mu.to(out), beta, _round_down(kl, out)

@@ -89,16 +89,20 @@ def pack(seqs: Sequences, rows: list[int], pad_id: int, weight: float = 1.0) -> 
     return MicroBatch(ids=ids, hidden_index=hidden_index, rows=idx[local], cols=cols, weight=weight)
 
 
+def _lengths(seqs: Sequences) -> list[int]:
+    """Each row's prompt + completion tokens."""
+    return (seqs.prompt_mask.bool().sum(1) + seqs.response_mask.sum(1)).tolist()
+
+
 def split(seqs: Sequences, budget: int, pad_id: int) -> list[MicroBatch]:
     """`seqs` as micro-batches of at most `budget` padded tokens each (0: one micro-batch)."""
-    lengths = (seqs.prompt_mask.bool().sum(1) + seqs.response_mask.sum(1)).tolist()
-    return [pack(seqs, g, pad_id) for g in group_rows(lengths, budget)]
+    return [pack(seqs, g, pad_id) for g in group_rows(_lengths(seqs), budget)]
 
 
 def filler(seqs: Sequences, pad_id: int) -> MicroBatch:
     """A zero-weight micro-batch of the shortest row: under FSDP2 every rank must run as many
     forwards as the rank with the most micro-batches."""
-    lengths = (seqs.prompt_mask.bool().sum(1) + seqs.response_mask.sum(1)).tolist()
+    lengths = _lengths(seqs)
     return pack(seqs, [min(range(len(lengths)), key=lengths.__getitem__)], pad_id, weight=0.0)
 
 

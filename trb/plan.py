@@ -304,12 +304,8 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     d = cfg.eval_decoding
     eval_rows = d.batch
     eval_prompts = max(1, eval_rows // d.n)
-    plan.phases["eval"] = {**base,
-                           "student KV cache": _gb(eval_rows * (ro.max_prompt_tokens + d.max_new_tokens)
-                                                   * s.kv_bytes(policy_b)),
-                           "vocabulary temporaries": _gb(DECODE_VOCAB_TENSORS["student"] * eval_rows * s.vocab * 8),
-                           "prefill activations": _gb(eval_prompts * ro.max_prompt_tokens
-                                                      * (4 * s.hidden + 3 * s.ffn) * 4)}
+    kv_eval = eval_rows * (ro.max_prompt_tokens + d.max_new_tokens) * s.kv_bytes(policy_b)
+    plan.phases["eval"] = decode({"student KV cache": _gb(kv_eval)}, eval_rows, "student", eval_prompts)
     return plan
 
 

@@ -516,9 +516,6 @@ def score_tokens(head, hidden: torch.Tensor, tokens: torch.Tensor, stop: StopSpe
 
 
 @torch.no_grad()
-
-
-@torch.no_grad()
 def score_micro_batch(teacher, ro: Rollout, mb: MicroBatch, stop: StopSpec) -> torch.Tensor:
     """The teacher's hidden states at the completion positions of one micro-batch [N, H] (for the
     loss); fills those positions of ro.teacher_logp / ro.teacher_entropy when the sampler did not

@@ -131,11 +131,10 @@ class StudentObjective(torch.nn.Module):
 
 @dataclasses.dataclass
 class StepResult:
-    """What one training step hands the loop: metrics of this rank, its completion tokens, the
-    prompts it found too long, and whether the step was skipped (some rank had no prompt left)."""
+    """What one training step hands the loop: metrics of this rank, the prompts it found too long,
+    and whether the step was skipped (some rank had no prompt left)."""
 
     metrics: dict
-    tokens: int = 0
     too_long: int = 0
     skipped: bool = False
 
@@ -209,6 +208,21 @@ class _Run:
             distributed.copy_full_params(self.objective.student, self.policy)
 
 
+def distill_loss(run: _Run, ro, target: Target):
+    """make_loss for `update` on a rollout: per micro-batch one teacher forward (filling the
+    teacher's records when the sampler did not decode with it), then the chunked reverse-KL loss of
+    the student's hidden states to `target`."""
+    teacher_head = run.teacher.get_output_embeddings()
+
+    def make_loss(mb: MicroBatch, denominator: float):
+        h_t = score_micro_batch(run.teacher, ro, mb, run.stop)
+        tokens, behavior = ro.tokens[mb.rows, mb.cols], ro.behavior_logp[mb.rows, mb.cols]
+        return lambda h_s, head: chunked_distill_loss(h_s, head, h_t, teacher_head, run.estimator, target,
+                                                      tokens=tokens, behavior_logprobs=behavior,
+                                                      chunk_size=run.cfg.loss.chunk_size, denominator=denominator)
+    return make_loss
+
+
 def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
     """Forward + backward per micro-batch of `seqs` (at most train.micro_batch_tokens padded tokens
     each), then one clipped AdamW step.
@@ -230,8 +244,9 @@ def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
     sums = torch.zeros(2, dtype=torch.float64, device=dev)
     t_teacher, widest = 0.0, 0
     t0 = time.time()
+    fill = filler(seqs, run.stop.pad_id) if n_mb > len(mbs) else None
     for i in range(n_mb):
-        mb = mbs[i] if i < len(mbs) else filler(seqs, run.stop.pad_id)
+        mb = mbs[i] if i < len(mbs) else fill
         widest = max(widest, mb.padded_tokens)
         if world.distributed:
             run.objective.set_requires_gradient_sync(i == n_mb - 1)
@@ -302,7 +317,7 @@ def sft_step(run: _Run, seqs: Sequences, step: int) -> StepResult:
     return StepResult({"loss": up.loss, "sft/nll": up.loss, "sft/active": 1.0, "eps": 0.0, "grad_norm": up.grad_norm,
                        "lr": run.opt.param_groups[0]["lr"], "time/step": time.time() - t0,
                        "train/micro_batches": up.micro_batches, "train/max_micro_batch_tokens": up.max_padded_tokens,
-                       "rollout/length": float(seqs.response_mask.sum(1).float().mean())}, tokens=seqs.num_tokens)
+                       "rollout/length": float(seqs.response_mask.sum(1).float().mean())})
 
 
 def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
@@ -333,16 +348,7 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
     # 2. per micro-batch: teacher forward (fills the teacher's records when it did not decode), then
     # the student's loss to the method's target; one optimiser step
     target = Target(tuple(stop.stop_ids), stop.emit_id, run.method.veto_b(step), stop.vocab)
-    teacher_head = teacher.get_output_embeddings()
-
-    def make_loss(mb: MicroBatch, denominator: float):
-        h_t = score_micro_batch(teacher, ro, mb, stop)
-        tokens, behavior = ro.tokens[mb.rows, mb.cols], ro.behavior_logp[mb.rows, mb.cols]
-        return lambda h_s, head: chunked_distill_loss(h_s, head, h_t, teacher_head, run.estimator, target,
-                                                      tokens=tokens, behavior_logprobs=behavior,
-                                                      chunk_size=cfg.loss.chunk_size, denominator=denominator)
-
-    up = update(run, ro, make_loss, step)
+    up = update(run, ro, distill_loss(run, ro, target), step)
     t_end = time.time()
     n_tok = int(ro.response_mask.sum())
     seq_tokens = int(ro.prompt_mask.sum()) + n_tok
@@ -363,7 +369,7 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
         "time/step": t_end - t0,
         "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
         "throughput/train_tok_s": seq_tokens / max(t_end - t_grade, 1e-9),
-    }, tokens=n_tok, too_long=too_long)
+    }, too_long=too_long)
 
 
 def reduce_metrics(result: StepResult) -> dict:
