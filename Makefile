@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/python -m trb.grading --install  # ANTLR 4.13.2 for the grading workers only (hydra keeps 4.9.3)
 	touch $@
 
 # what CI runs: every test (incl. the real-weights smoke run, which needs bench-deps), offline, W&B off

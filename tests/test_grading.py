@@ -38,9 +38,17 @@ CASES = [
     ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}", True),
     ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}", False),
     ("\\boxed{0.333}", "\\frac{1}{3}", False),
-    # percent: math-verify reads 25\\% as 0.25, so it matches a percent gold, not a bare 25
+    # percents (parsed on the grading workers' ANTLR 4.13.2 runtime; hydra's 4.9.3 reads 28\\% as 28):
+    # math-verify reads 25\\% as 25/100 and accepts it for 0.25, 25% and (leniently) 25, never 26
     ("\\boxed{25\\%}", "25\\%", True),
-    ("\\boxed{25\\%}", "25", False),
+    ("\\boxed{28\\%}", "28%", True),
+    ("\\boxed{25\\%}", "0.25", True),
+    ("\\boxed{12.5\\%}", "0.125", True),
+    ("\\boxed{25\\%}", "25", True),
+    ("\\boxed{25\\%}", "26", False),
+    ("\\boxed{25\\%}", "0.26", False),
+    ("so the rate is $15\\%$.", "$15\\%$", True),
+    ("\\boxed{30\\%}", "$30\\%$", True),
     # radicals, pi
     ("\\boxed{2\\sqrt{2}}", "2\\sqrt{2}", True),
     ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", True),
@@ -62,6 +70,27 @@ CASES = [
     # units
     ("\\boxed{10 \\text{ cm}}", "10", True),
     ("\\boxed{90^\\circ}", "90", True),
+    # several boxes: one set answer, as math-verify reads them; a single gold is the last box
+    ("\\boxed{-3} \\text{ or } \\boxed{2}", "-3, 2", True),
+    ("$x = \\boxed{4}$ and $y = \\boxed{7}$", "\\{4, 7\\}", True),
+    ("\\boxed{(1, 3)}, \\boxed{(3, 1)}", "(1,3),(3,1)", True),
+    ("\\boxed{2}, \\boxed{5}", "2, 5, 7", False),
+    ("\\boxed{1} and \\boxed{2}", "1", False),
+    ("\\boxed{5}. Wait, that is wrong: \\boxed{6}", "6", True),
+    ("\\boxed{5}. Wait, that is wrong: \\boxed{6}", "5", False),
+    # gold answers as given: $...$ kept, thousands separators, a decimal comma, LaTeX content
+    ("\\boxed{1.22}", "1,22", True),
+    ("\\boxed{\\{1, 22\\}}", "1,22", False),
+    ("\\boxed{1234567}", "1,234,567", True),
+    ("\\boxed{\\frac12}", "$\\frac{1}{2}$", True),
+    ("\\boxed{2}", "2\\sqrt{2}", False),
+    ("\\boxed{2x+3}", "2x+3", True),
+    ("\\boxed{2}", "2x+3", False),
+    ("\\boxed{\\{1, 2, 3\\}}", "1,2,3", True),
+    ("\\boxed{\\text{B}}", "\\text{B}", True),
+    # only the last MAX_CHARS characters are read
+    ("x" * 50_000 + " so \\boxed{7}", "7", True),
+    ("\\boxed{7}" + " x" * 15_000, "7", False),
     # degrees of sloppiness
     ("The final answer is $\\boxed{42}$.", "42", True),
     ("$42$", "42", True),
@@ -71,6 +100,30 @@ CASES = [
 @pytest.mark.parametrize("completion, gold, expected", CASES)
 def test_grading_table(grader, completion, gold, expected):
     assert grader.grade([completion], [gold]) == [expected]
+
+
+def test_workers_parse_with_the_antlr_runtime_of_the_newest_parser(grader):
+    """`make install` puts antlr4-python3-runtime 4.13.2 on the workers' path (the main process
+    keeps hydra's 4.9.3); without it percents do not parse."""
+    import antlr4
+
+    from trb.grading import GRADING_ANTLR
+
+    grader.grade(["\\boxed{1}"], ["1"])
+    assert grader.stats.antlr == GRADING_ANTLR and grader.stats.math_verify == "0.9.0"
+    assert antlr4.__file__ and "antlr-" not in antlr4.__file__  # this process is untouched
+
+
+def test_judge_returns_math_verifys_answer_and_a_vote_key(grader):
+    out = grader.judge(["so \\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{1} and \\boxed{2}", "no answer", "x = 3"],
+                       ["0.5", "1/2", "2", "4", "3"])
+    assert [j.correct for j in out] == [True, True, True, False, True]
+    assert out[0].extracted == "\\frac{1}{2}" and out[0].key == out[1].key == "1/2"  # they vote together
+    assert out[2].extracted == "2" and out[2].key == "2"  # accepted on the last box
+    assert out[3].extracted is None and out[3].key is None
+    assert out[4].extracted == "3"
+    wrong = grader.judge(["\\boxed{1} and \\boxed{2}"], ["7"])[0]
+    assert not wrong.correct and wrong.key == "{1, 2}"  # math-verify's reading when nothing matched
 
 
 def test_adversarial_outputs_return_within_deadline(grader):
@@ -96,3 +149,23 @@ def test_adversarial_cost_is_bounded(grader):
     t0 = time.monotonic()
     out = grader.grade(["\\boxed{9^{9^{9^{9^{9}}}}}"], ["1"])
     assert out == [False] and time.monotonic() - t0 < 5.0 + 1
+
+
+def test_maj_at_k_votes_on_the_graders_parsed_answers(grader):
+    from trb.evaluate import maj_at_k
+
+    out = grader.judge(["\\boxed{3}", "\\boxed{0.5}", "so $\\frac{1}{2}$"], ["1/2"] * 3)
+    assert [j.correct for j in out] == [False, True, True]
+    assert maj_at_k([j.key for j in out], [j.correct for j in out], 3)  # 0.5 and 1/2 are one answer, 2 votes to 1
+
+
+def test_without_the_grading_runtime_percents_fail_and_say_so(monkeypatch, tmp_path, capsys):
+    import trb.grading as grading
+
+    monkeypatch.setenv("TRB_GRADING_RUNTIME", str(tmp_path / "absent"))
+    monkeypatch.setattr(grading, "_WARNED", False)
+    with Grader(workers=1) as g:
+        assert g.grade(["\\boxed{28\\%}"], ["0.28"]) == [False]  # hydra's ANTLR 4.9.3 reads 28\% as 28
+        assert g.stats.antlr == "4.9.3"
+    err = capsys.readouterr().err
+    assert err.count("warning: grading workers") == 1 and "python -m trb.grading --install" in err

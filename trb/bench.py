@@ -811,3 +811,48 @@ def bench_decoding(rows: int = 32, new_tokens: int = 200, bias: float = 0.0, rep
     log(f"speculative k=4: acceptance {spec[0]['acceptance']:.3f} unbounded vs {spec[rows // 4]['acceptance']:.3f} "
         f"at max_rows={rows // 4}; time {spec[rows // 4]['seconds'] / spec[0]['seconds']:.2f}x")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# grading throughput
+# ---------------------------------------------------------------------------------------------
+
+_MIXED = [  # (final answer as a model writes it, gold as a dataset gives it): GSM8K / MATH kinds
+    ("\\boxed{72}", "72"), ("\\boxed{1,234}", "1234"), ("\\boxed{\\$18.00}", "18"), ("\\boxed{28\\%}", "28%"),
+    ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}"), ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"), ("\\boxed{(3, \\frac{\\pi}{2})}",
+    "(3, \\frac{\\pi}{2})"), ("\\boxed{x^2+2x+1}", "(x+1)^2"), ("\\boxed{[1, 5)}", "[1,5)"),
+    ("\\boxed{\\text{(C)}}", "\\text{(C)}"), ("\\boxed{-2} \\text{ and } \\boxed{1}", "-2, 1"),
+    ("\\boxed{90^\\circ}", "90"), ("\\boxed{y = 2x + 3}", "2x+3"), ("\\boxed{0.25}", "\\frac{1}{4}"),
+]
+_REASONING = ("Let us work through it. First we note that $a + b = 12$ and $a - b = 4$, so $2a = 16$ and $a = 8$. "
+              "Then $b = 4$. Checking: $8 + 4 = 12$ and $8 - 4 = 4$. ")
+
+
+def bench_grading(items: int = 400, workers: int = 1, reasoning_chars: int = 1500, log=print) -> dict:
+    """Items/s of the Grader with `workers` worker processes on toy completions (the toy teacher's
+    solutions) and on GSM8K/MATH-style completions (about `reasoning_chars` characters of worked
+    reasoning, then a final answer of each kind in _MIXED, half of them graded against a wrong gold)."""
+    from trb.grading import Grader
+    from trb.toy import ToyTask, make_split
+
+    toy = make_split(ToyTask(), items, seed=123)
+    toy_items = [(r["solution"], r["gold"]) for r in toy]
+    reasoning = (_REASONING * (reasoning_chars // len(_REASONING) + 1))[:reasoning_chars]
+    mixed = []
+    for i in range(items):
+        answer, gold = _MIXED[i % len(_MIXED)]
+        mixed.append((f"{reasoning}So the answer is {answer}.", gold if i % 2 == 0 else "7"))
+    rows = []
+    with Grader(workers=workers) as grader:
+        grader.grade(["\\boxed{1}"] * workers, ["1"] * workers)  # workers started before timing
+        for name, data in (("toy", toy_items), ("mixed", mixed)):
+            t0 = time.monotonic()
+            out = grader.grade([c for c, _ in data], [g for _, g in data])
+            dt = time.monotonic() - t0
+            rows.append({"set": name, "items": len(data), "seconds": dt, "items_per_s": len(data) / dt,
+                         "correct": sum(out), "timeouts": grader.stats.timeouts})
+            log(f"{name:<6} {len(data)} items  {len(data) / dt:7.1f} items/s  correct {sum(out)}  "
+                f"timeouts {grader.stats.timeouts}")
+        runtime = {"antlr": grader.stats.antlr, "math_verify": grader.stats.math_verify}
+    return {"kind": "grading", "workers": workers, "reasoning_chars": reasoning_chars, "machine": machine(),
+            "runtime": runtime, "rows": rows}

@@ -331,6 +331,18 @@ def bench_memory_cmd(
     typer.echo(f"wrote {write_result(res, out)}")
 
 
+@bench_app.command("grading")
+def bench_grading_cmd(
+    items: int = typer.Option(400, help="Items per set (toy solutions; GSM8K/MATH-style completions)."),
+    workers: int = typer.Option(1, help="Grading worker processes."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/grading_TIME.json)."),
+) -> None:
+    """Grading throughput (items/s) of math-verify in trb's worker processes."""
+    from trb.bench import bench_grading, write_result
+
+    typer.echo(f"wrote {write_result(bench_grading(items, workers, log=typer.echo), out)}")
+
+
 def _run_user_task(fn) -> None:
     """Turn the errors a user can fix (bad paths, configs, offline hub ids) into one-paragraph messages."""
     from trb.data import DatasetError

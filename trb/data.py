@@ -8,7 +8,6 @@ that is already in the local cache (trb runs with HF_HUB_OFFLINE=1 unless you se
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from trb.config import DatasetConfig, PromptConfig
@@ -146,15 +145,3 @@ def render(tokenizer, question: str, prompt: PromptConfig) -> str:
     else:
         msgs = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer as text (for maj@k votes and logs): last \\boxed{}, else the last number."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip().strip("$").strip() or None
-    nums = _NUMBER.findall(text)
-    return nums[-1].replace(",", "") if nums else None

@@ -80,7 +80,7 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
         if tracker.run is not None and results:
             import wandb
 
-            cols = ["problem", "sample", "prompt", "completion", "extracted", "gold", "correct"]
+            cols = ["problem", "sample", "prompt", "completion", "extracted", "vote", "gold", "correct"]
             table = wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in samples[:1000]])
             tracker.run.log({"eval/samples": table})
         grading = dataclasses.asdict(grader.stats)

@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 import torch
 
 from trb.config import DecodingConfig
-from trb.data import extract_answer, render
+from trb.data import render
 from trb.grading import Grader
 from trb.blend import RowNoise
 from trb.rollout import Sampler, StopSpec, rollout
@@ -42,8 +42,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> bool:
-    """Majority vote over the first k extracted answers (None never wins); ties go to the answer
-    seen first. The vote is correct when a sample carrying the winning answer was graded correct."""
+    """Majority vote over the first k answers' vote keys (the grader's parsed answers, so `0.5` and
+    `\\frac{1}{2}` vote together; None never wins); ties go to the answer seen first. The vote is
+    correct when a sample carrying the winning answer was graded correct."""
     votes = [a for a in answers[:k] if a is not None]
     if not votes:
         return False
@@ -65,7 +66,7 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
 
     Returns (metrics, samples): metrics keyed "eval/..." (pass@k, maj@k, no-answer, truncation,
     grading timeouts, tokens/s, per-type/level accuracy when rows carry them); one sample dict per
-    completion (prompt, completion, extracted answer, gold, correct).
+    completion (prompt, completion, extracted answer and its vote key, gold, correct).
     """
     if not rows:
         return {}, []
@@ -89,13 +90,13 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
                      generator=noise, n=n, max_rows=decoding.batch)
         texts = decode_completions(tokenizer, ro.tokens, ro.response_mask)
         golds = [rows[i]["gold"] for i, _ in chunk]
-        graded = grader.grade(texts, [g if g is not None else "" for g in golds])
+        judged = grader.judge(texts, [g if g is not None else "" for g in golds])
         lengths = ro.response_mask.sum(1).tolist()
         gen_tokens += sum(lengths)
-        for (i, j), text, ok, n_tok, stopped in zip(chunk, texts, graded, lengths, ro.stopped.tolist()):
+        for (i, j), text, jd, n_tok, stopped in zip(chunk, texts, judged, lengths, ro.stopped.tolist()):
             samples.append({"problem": i, "sample": j, "prompt": prompts[i], "completion": text,
-                            "extracted": extract_answer(text), "gold": rows[i]["gold"],
-                            "correct": bool(ok) and rows[i]["gold"] is not None, "tokens": int(n_tok),
+                            "extracted": jd.extracted, "vote": jd.key, "gold": rows[i]["gold"],
+                            "correct": jd.correct and rows[i]["gold"] is not None, "tokens": int(n_tok),
                             "truncated": not stopped,
                             **{k: rows[i][k] for k in ("type", "level", "subject") if k in rows[i]}})
         if progress is not None:
@@ -116,7 +117,7 @@ def aggregate(rows: list[dict], samples: list[dict], decoding: DecodingConfig, s
     for k in decoding.ks:
         metrics[f"eval/pass@{k}"] = sum(pass_at_k(len(ss), sum(s["correct"] for s in ss), k)
                                         for ss in per_problem) / len(rows)
-        metrics[f"eval/maj@{k}"] = sum(maj_at_k([s["extracted"] for s in ss], [s["correct"] for s in ss], k)
+        metrics[f"eval/maj@{k}"] = sum(maj_at_k([s["vote"] for s in ss], [s["correct"] for s in ss], k)
                                        for ss in per_problem) / len(rows)
     metrics["eval/accuracy"] = metrics["eval/pass@1"]
     metrics["eval/no_answer"] = sum(s["extracted"] is None for s in samples) / len(samples)

@@ -12,51 +12,140 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 MAX_CHARS = 20_000  # the tail of a completion that is parsed; answers sit at the end
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports math-verify (sympy) before its first item
+# latex2sympy2_extended's parser generated for ANTLR 4.9.3 (the runtime hydra needs, so the one
+# installed) is older than its 4.13.2 parser: it has no percent atom (`28\%` reads as 28 or as
+# nothing). The grading workers are separate interpreters, so they put this runtime first on
+# their path; `python -m trb.grading --install` (run by `make install`) puts it there.
+GRADING_ANTLR = "4.13.2"
+_NUMBER_GOLD = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:[.,]\d+)?\s*%?|[-+]?\.\d+")
+_DELIMITED = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
 
 
-def _verify(completion: str, gold: str, timeout_s: int) -> bool:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+def runtime_dir() -> Path:
+    """Where the grading workers' ANTLR runtime lives (TRB_GRADING_RUNTIME, else inside the env)."""
+    env = os.environ.get("TRB_GRADING_RUNTIME")
+    return Path(env) if env else Path(sys.prefix) / "share" / "trb" / f"antlr-{GRADING_ANTLR}"
 
-    last_box = completion.rfind("\\boxed")
-    if last_box >= 0:  # the final answer is the last box (math-verify would take the first)
-        completion = completion[last_box:]
-    gold_parsed = parse(f"${gold}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                        parsing_timeout=timeout_s)
-    if not gold_parsed:
-        gold_parsed = parse(gold, parsing_timeout=timeout_s)
-    pred = parse(
-        completion,
-        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-        parsing_timeout=timeout_s,
-    )
-    if not gold_parsed or not pred:
-        return False
-    return bool(verify(gold_parsed, pred, timeout_seconds=timeout_s))
+
+def install_runtime() -> Path:
+    """pip-install the ANTLR runtime the grading workers use into runtime_dir() (the main
+    process keeps hydra's 4.9.3)."""
+    target = runtime_dir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(target),
+                    f"antlr4-python3-runtime=={GRADING_ANTLR}"], check=True)
+    return target
+
+
+def _configs():
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def _has_math(parsed: list) -> bool:
+    """math-verify appends the raw matched string as a fallback: a reading counts only when a
+    parsed object came back."""
+    return any(not isinstance(x, str) for x in parsed)
+
+
+def parse_gold(gold: str, timeout_s: int) -> list:
+    """The gold answer as given: delimited LaTeX ($...$, \\(...\\), \\[...\\], \\boxed{}) and plain
+    numbers (thousands separators, a decimal comma, a percent sign) are read as they are; anything
+    else is LaTeX content without delimiters (a MATH box's content, `2\\sqrt{2}`) and is read inside
+    $...$. When that reading yields no math object the other one is tried; when neither does, the
+    first reading's matched string stands (math-verify then compares strings)."""
+    from math_verify import parse
+
+    text = gold.strip()
+    as_given = any(d in text for d in _DELIMITED) or _NUMBER_GOLD.fullmatch(text) is not None
+    readings = [parse(r, extraction_config=_configs(), parsing_timeout=timeout_s)
+                for r in ([text, f"${text}$"] if as_given else [f"${text}$", text])[:1]]
+    if not _has_math(readings[0]):
+        other = f"${text}$" if as_given else text
+        second = parse(other, extraction_config=_configs(), parsing_timeout=timeout_s)
+        if _has_math(second):
+            return second
+    return readings[0]
+
+
+def _last_box(text: str) -> str | None:
+    """The completion from its last \\boxed (or \\fbox) on, else None."""
+    at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return text[at:] if at >= 0 else None
+
+
+def _answer(parsed: list) -> tuple[str | None, str | None]:
+    """(the string math-verify matched, the vote key: the parsed object's text, else that string)."""
+    strs = [x for x in parsed if isinstance(x, str)]
+    maths = [x for x in parsed if not isinstance(x, str)]
+    matched = strs[0] if strs else (str(maths[0]) if maths else None)
+    return matched, (str(maths[0]) if maths else matched)
+
+
+def _verify(completion: str, gold: str, timeout_s: int) -> tuple[bool, str | None, str | None]:
+    """(correct, extracted answer, vote key) of one completion.
+
+    The answer is math-verify's reading of the completion's final part (its last MAX_CHARS
+    characters; several boxes in a row join into one set answer, as math-verify reads them). A
+    reading of the text from the last box on is accepted as well, so a single answer is the last
+    box even when a model corrected itself on one line (`\\boxed{5}. No: \\boxed{6}`, which
+    math-verify alone reads as {5, 6}). extracted is the string math-verify matched (of the accepted
+    reading when correct); the vote key is the parsed object's text (answers that parse alike vote
+    together)."""
+    from math_verify import parse, verify
+
+    cfg = _configs()
+    readings = [parse(completion, extraction_config=cfg, parsing_timeout=timeout_s)]
+    if completion.count("\\boxed") + completion.count("\\fbox") >= 2:  # one box: both readings are that box
+        readings.append(parse(_last_box(completion), extraction_config=cfg, parsing_timeout=timeout_s))
+    readings = [r for r in readings if r]
+    if not readings:
+        return False, None, None
+    gold_parsed = parse_gold(gold, timeout_s) if gold.strip() else []
+    for reading in readings if gold_parsed else []:
+        if verify(gold_parsed, reading, timeout_seconds=timeout_s):
+            return (True, *_answer(reading))
+    return (False, *_answer(readings[0]))
 
 
 def _worker_main(timeout_s: int) -> None:
-    """Worker process: JSON lines [idx, completion, gold] on stdin -> [idx, ok] on stdout."""
+    """Worker process: JSON lines [idx, completion, gold] on stdin -> [idx, ok, extracted, key]."""
+    runtime = runtime_dir()
+    if runtime.is_dir():
+        sys.path.insert(0, str(runtime))  # before latex2sympy2_extended picks its parser
+    import importlib.metadata as md
+
     import math_verify  # noqa: F401  (import once, before the first item)
 
     out = sys.stdout
-    out.write('"ready"\n')
+    out.write(json.dumps({"antlr": md.version("antlr4-python3-runtime"), "math_verify": md.version("math-verify")})
+              + "\n")
     out.flush()
     for line in sys.stdin:
         idx, completion, gold = json.loads(line)
         try:
-            ok = _verify(completion, gold, timeout_s)
+            ok, extracted, key = _verify(completion, gold, timeout_s)
         except Exception:  # noqa: BLE001 - any parser failure grades as wrong
-            ok = False
-        out.write(json.dumps([idx, bool(ok)]) + "\n")
+            ok, extracted, key = False, None, None
+        out.write(json.dumps([idx, bool(ok), extracted, key]) + "\n")
         out.flush()
+
+
+@dataclass
+class Judgement:
+    correct: bool
+    extracted: str | None  # the answer as math-verify matched it (None: no answer found)
+    key: str | None  # the parsed answer's text: the maj@k vote key
 
 
 @dataclass
@@ -64,6 +153,11 @@ class GradeStats:
     items: int = 0
     timeouts: int = 0
     seconds: float = 0.0
+    antlr: str = ""  # the ANTLR runtime the workers' LaTeX parser ran on
+    math_verify: str = ""
+
+
+_WARNED = False
 
 
 class Grader:
@@ -85,19 +179,35 @@ class Grader:
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         ready, _, _ = select.select([proc.stdout], [], [], STARTUP_TIMEOUT_S)
-        if not ready or proc.stdout.readline().strip() != '"ready"':
+        try:
+            header = json.loads(proc.stdout.readline()) if ready else None
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict):
             proc.kill()
             raise RuntimeError("a math-verify grading worker did not start; is math-verify installed?")
+        self.stats.antlr, self.stats.math_verify = header["antlr"], header["math_verify"]
+        global _WARNED
+        if header["antlr"] != GRADING_ANTLR and not _WARNED:
+            _WARNED = True
+            print(f"warning: grading workers run math-verify's LaTeX parser on ANTLR {header['antlr']}, which does "
+                  f"not read percents (28\\% reads as 28); run `python -m trb.grading --install` once (puts "
+                  f"antlr4-python3-runtime {GRADING_ANTLR} in {runtime_dir()} for the workers only)", file=sys.stderr)
         return proc
 
     def grade(self, completions: list[str], golds: list[str]) -> list[bool]:
         """Correctness of each completion against its gold answer string (timeouts are wrong)."""
+        return [j.correct for j in self.judge(completions, golds)]
+
+    def judge(self, completions: list[str], golds: list[str]) -> list[Judgement]:
+        """Correctness, extracted answer and vote key of each completion (timeouts: wrong, no
+        answer)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
         t0 = time.monotonic()
         while len(self._pool) < self.workers:
             self._pool.append(self._spawn())
-        results = [False] * len(completions)
+        results = [Judgement(False, None, None) for _ in completions]
         queue = list(range(len(completions)))[::-1]
         idle = list(range(len(self._pool)))
         busy: dict[int, float] = {}  # slot -> deadline
@@ -115,8 +225,8 @@ class Grader:
                 busy.pop(slot)
                 line = stream.readline()
                 if line:
-                    idx, ok = json.loads(line)
-                    results[idx] = bool(ok)
+                    idx, ok, extracted, key = json.loads(line)
+                    results[idx] = Judgement(bool(ok), extracted, key)
                 else:  # the worker died on this item: wrong; replace it
                     self._replace(slot)
                 idle.append(slot)
@@ -170,4 +280,7 @@ def is_correct(completion: str, gold: str) -> bool:
 
 
 if __name__ == "__main__":
-    _worker_main(int(sys.argv[1]))
+    if sys.argv[1:] == ["--install"]:
+        print(f"installed antlr4-python3-runtime {GRADING_ANTLR} for the grading workers in {install_runtime()}")
+    else:
+        _worker_main(int(sys.argv[1]))

@@ -25,7 +25,7 @@ import torch
 
 from trb.blend import compile_search
 from trb.config import RolloutRunConfig
-from trb.data import extract_answer, load_rows
+from trb.data import load_rows
 from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
 from trb.evaluate import decode_completions
 from trb.grading import Grader
@@ -162,8 +162,8 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     texts = decode_completions(tok, st["tokens"], st["response_mask"])
     with Grader(workers=1) as grader:
         golds = [r["gold"] for r, _ in kept]
-        graded = grader.grade(texts, [g if g is not None else "" for g in golds])
-        correct = [bool(ok) and g is not None for ok, g in zip(graded, golds)]
+        judged = grader.judge(texts, [g if g is not None else "" for g in golds])
+        correct = [j.correct and g is not None for j, g in zip(judged, golds)]
         support = sequence_support(merged).tolist()
         records = []
         index = {id(r): k for k, r in enumerate(rows)}
@@ -173,7 +173,7 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
             rec = {"prompt_index": index[id(row)], "sample": j, "prompt": tok.decode(prompt_ids[b]),
                    "prompt_ids": prompt_ids[b], "completion": text, "token_ids": ids_b,
                    "token_text": [tok.decode([x]) for x in ids_b], "gold": row["gold"],
-                   "extracted": extract_answer(text), "correct": correct[b], "stopped": bool(st["stopped"][b]),
+                   "extracted": judged[b].extracted, "correct": correct[b], "stopped": bool(st["stopped"][b]),
                    "support_score": support[b]}
             for name in ("student_logp", "teacher_logp", "behavior_logp", "beta", "kl", "teacher_entropy"):
                 rec[name] = [float(x) for x in st[name][b][m].tolist()]
