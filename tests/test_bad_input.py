@@ -23,10 +23,11 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture()
 def out_dir(tmp_path):
-    """An output dir that already holds another run's files."""
+    """An output dir that already holds files (not a run's: those make it another run's dir, which
+    is refused before these checks)."""
     out = tmp_path / "out"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "x.txt").write_text("1\n")
     (out / "notes.txt").write_text("keep me\n")
     return out
 
@@ -41,6 +42,9 @@ def _fails_cleanly(args, tmp_path, out_dir, *needles, timeout=120):
         assert needle in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert _snapshot(out_dir) == before  # nothing overwritten or added
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in out_dir.iterdir()
+                                                               if p.name in ("data", "notes.txt"))
+    assert not (tmp_path / "outputs").exists()  # no stray Hydra dir
     return res, seconds
 
 

@@ -123,7 +123,7 @@ def test_wandb_resumes_the_same_run_id(pair, tmp_path):
 def test_decoding_knobs_may_change_on_resume(tmp_path):
     """A run that ran out of memory continues with a smaller row bound or micro-batch budget; a
     change of what it trains on (here the learning rate) is still refused."""
-    from trb.checkpoint import find_resume
+    from trb.rundir import claim
 
     base = TrainConfig(logger=LoggerConfig(kind="none"))
     run = tmp_path / "run"
@@ -133,6 +133,9 @@ def test_decoding_knobs_may_change_on_resume(tmp_path):
     changed = dataclasses.replace(base, rollout=dataclasses.replace(base.rollout, max_rows=8, dtype="bfloat16"),
                                   train=dataclasses.replace(base.train, micro_batch_tokens=4096),
                                   eval_decoding=dataclasses.replace(base.eval_decoding, batch=8))
-    assert find_resume(changed, run) == run / "checkpoints" / "step_000002"
+    c = claim(changed, run)
+    assert c.resume_from == run / "checkpoints" / "step_000002"
+    c.release()
     with pytest.raises(ValueError, match="optim"):
-        find_resume(dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=0.5)), run)
+        claim(dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=0.5)), run)
+    assert not (run / ".trb.lock").exists()  # a refusal leaves no lock behind

@@ -22,8 +22,8 @@ def pair(tmp_path_factory):
 def run(pair, tmp_path, *args):
     s, t = pair
     out = tmp_path / "out"
-    r = cli(["rollout", f"student.path={s}", f"teacher.path={t}", "num_prompts=3", "n=2", "max_new_tokens=12",
-             "logger.kind=none", f"hydra.run.dir={out}", *args], cwd=tmp_path)
+    r = cli(["rollout", f"student.path={s}", f"teacher.path={t}", "num_prompts=3", "rollout.n=2",
+             "rollout.max_new_tokens=12", "logger.kind=none", f"hydra.run.dir={out}", *args], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
     return out, recs, json.loads((out / "summary.json").read_text()), r.stdout

@@ -6,15 +6,19 @@ folder named step_NNNNNN is always complete.
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from trb.errors import RunStopped, UserError
+from trb.tracking import metrics_records
 
 
 def _fsync_tree(path: Path) -> None:
@@ -36,22 +40,30 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    if state_dict:
-        dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
-        conf = json.loads((tmp / "config.json").read_text())
-        conf.update({k: dtype for k in ("dtype", "torch_dtype") if k in conf})
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
-    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if state_dict:
+            dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+            conf = json.loads((tmp / "config.json").read_text())
+            conf.update({k: dtype for k in ("dtype", "torch_dtype") if k in conf})
+            (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+        tokenizer.save_pretrained(tmp)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(final, err) from None
     state = {
         "step": step,
         "optimizer": optimizer_state,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": rng_state(),
         **(extra or {}),
     }
-    torch.save(state, tmp / "trainer_state.pt")
-    _fsync_tree(tmp)
+    try:
+        torch.save(state, tmp / "trainer_state.pt")
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as err:  # a full or read-only disk: no partial folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(final, err) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -70,16 +82,55 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
 
 
+class CheckpointWriteError(RunStopped):
+    def __init__(self, final: Path, err: Exception):
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err)
+        super().__init__(f"could not write the checkpoint {final}: {'the disk is full' if full else reason}; "
+                         f"no partial checkpoint was left behind and the earlier checkpoints are intact (free space "
+                         f"or use another output_dir, then run the same command to resume)")
+
+
+class CheckpointReadError(UserError):
+    """A checkpoint that cannot be loaded safely or at all."""
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors and plain numbers (loadable with torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
 def load_trainer_state(ckpt: Path) -> dict:
-    """The trainer state saved next to a checkpoint's weights (optimizer, RNG states, step, ...)."""
-    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """The trainer state saved next to a checkpoint's weights (optimizer, RNG states, step, ...),
+    read with torch.load(weights_only=True): tensors, numbers, strings and containers only, so a
+    planted pickle payload is refused instead of run."""
+    path = Path(ckpt) / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointReadError(
+            f"{path} holds objects other than tensors and plain data, so trb does not load it (a pickled payload "
+            f"would run code; checkpoints of trb before this version stored numpy RNG states this way): "
+            f"{str(err).splitlines()[0][:160]}") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointReadError(f"{path} cannot be read ({str(err).splitlines()[0][:160]}): the checkpoint is "
+                                  f"corrupt or truncated; resume from another one (resume=PATH) or move it away") \
+            from None
 
 
 def restore_rng(state: dict) -> None:
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = rng["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +139,8 @@ def restore_rng(state: dict) -> None:
 
 # memory knobs (train: micro-batches, checkpointing, compute dtype; plan) may change on resume: a run that ran
 # out of memory continues with a smaller budget
-_RESUMABLE_IGNORED = ("resume", "keep_last", "logger", "output_dir", "threads", "device", "parallel", "train", "plan")
+_RESUMABLE_IGNORED = ("resume", "overwrite", "keep_last", "logger", "output_dir", "threads", "device", "parallel",
+                      "train", "plan")
 # ... and inside sections: how rollouts are decoded (the same tokens: per-row noise) and evaluated
 _RESUMABLE_IGNORED_FIELDS = {"rollout": ("max_rows", "dtype", "static_cache", "compile_step", "compile_search"),
                              "eval_decoding": ("batch",)}
@@ -102,36 +154,6 @@ def _comparable(config: dict) -> dict:
     return out
 
 
-def find_resume(cfg, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: resume=PATH, or (auto) the run dir's last complete one.
-
-    A run dir whose train_config.json describes a different run (in any key but those of
-    _RESUMABLE_IGNORED, and the decoding knobs of _RESUMABLE_IGNORED_FIELDS) is refused rather than
-    mixed with this one."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume).expanduser()
-        if not (path / "trainer_state.pt").exists():
-            raise FileNotFoundError(f"resume={cfg.resume!r} is not a trb checkpoint (no trainer_state.pt); give a "
-                                    f"run_dir/checkpoints/step_NNNNNN folder, resume=auto or resume=never")
-        return path
-    ckpts = [c for c in list_checkpoints(run_dir) if (c / "trainer_state.pt").exists()]
-    if not ckpts:
-        return None
-    saved_path = run_dir / "train_config.json"
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        saved, now = _comparable(saved), _comparable(now)
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            raise ValueError(f"the run dir {run_dir} holds a different run (its train_config.json differs in: "
-                             f"{', '.join(diff)}); use another output_dir / hydra.run.dir, or resume=never to "
-                             f"overwrite it")
-    return ckpts[-1]
-
-
 def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
     """Drop metrics.jsonl records written after the checkpoint at `step` (they are recomputed);
     return the eval records kept. The eval at `step` itself was logged before that checkpoint was
@@ -140,10 +162,7 @@ def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
     if not path.exists():
         return []
     keep, evals = [], []
-    for line in path.read_text().splitlines():
-        if not line:
-            continue
-        rec = json.loads(line)
+    for rec, line in metrics_records(path, with_lines=True):
         is_eval = "eval/accuracy" in rec
         if (is_eval and (rec["step"] < step or (rec["step"] == step and not final))) or \
                 (not is_eval and rec["step"] < step):
@@ -154,3 +173,4 @@ def truncate_metrics(run_dir: Path, step: int, final: bool) -> list[dict]:
     tmp.write_text("".join(x + "\n" for x in keep))
     os.replace(tmp, path)
     return evals
+

@@ -20,6 +20,7 @@ from pathlib import Path
 import typer
 
 from trb import __version__
+from trb.errors import RunStopped, UserError
 
 # One thread is several times faster than torch's default on small models on 2-vCPU machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,10 +39,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="trb: on-policy distillation with Trust-Region behavior Blending (TRB).")
 toy_app = typer.Typer(help="The embedded toy task and models.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
-
-
-class UserError(Exception):
-    """A configuration or input problem: printed as one paragraph, no traceback."""
 
 
 def _version(value: bool) -> None:
@@ -79,6 +76,12 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     failures: list[str] = []
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    named = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("hydra.run.dir=")), None)
+    if named is not None and named.exists() and not named.is_dir():
+        typer.echo(f"error: the run dir {named} is a file, not a directory: use another output_dir", err=True)
+        raise typer.Exit(code=2)
+    before = _DirState.capture(named) if named is not None and not multirun else None
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def _entry(cfg) -> None:
@@ -90,6 +93,8 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
                 raise
             failures.append(str(err))
             typer.echo(f"error: {err}", err=True)
+            if not multirun and not isinstance(err, RunStopped):  # a refusal: the run dir as it was
+                (before or _DirState(run_dir, existed=False)).restore()
 
     from trb import distributed
 
@@ -108,6 +113,45 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
         distributed.finish(barrier=ok)
     if failures:
         raise typer.Exit(code=2)
+
+
+class _DirState:
+    """What Hydra writes into a run dir before trb runs (.hydra/, the job log), captured before the
+    command so that a refusal can put it back; a dir that did not exist is removed again."""
+
+    _HYDRA = (".hydra",)
+
+    def __init__(self, path: Path, existed: bool, files: dict | None = None):
+        self.path, self.existed, self.files = Path(path), existed, files or {}
+
+    @classmethod
+    def capture(cls, path: Path) -> _DirState:
+        path = Path(path)
+        if not path.is_dir():
+            return cls(path, existed=False)
+        files = {p: p.read_bytes() for p in path.glob(".hydra/*") if p.is_file()}
+        files.update({p: p.read_bytes() for p in path.glob("*.log") if p.is_file()})
+        return cls(path, existed=True, files=files)
+
+    def restore(self) -> None:
+        import shutil
+
+        if not self.path.is_dir():
+            return
+        if not self.existed:
+            extra = [p for p in self.path.iterdir() if p.name not in self._HYDRA and p.suffix != ".log"]
+            if not extra:  # only what Hydra wrote: the dir goes
+                shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for p in [*self.path.glob(".hydra/*"), *self.path.glob("*.log")]:
+            if p.is_file() and p not in self.files:
+                p.unlink()
+        for p, data in self.files.items():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        hydra_dir = self.path / ".hydra"
+        if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
 
 
 def _launched() -> bool:
@@ -174,7 +218,17 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
             typed.logger.group = Path(cfg_sweep_dir()).name
         _run_user_task(lambda: entry(typed, run_dir, log=typer.echo))
 
-    run_hydra(name, list(ctx.args), task)
+    run_hydra(name, _run_dir_args(list(ctx.args)), task)
+
+
+def _run_dir_args(args: list[str]) -> list[str]:
+    """output_dir=X (one run) is Hydra's run dir too: .hydra/ and the log live with the run, and no
+    stray outputs/<command>/<time>/ is made."""
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("output_dir=")), None)
+    if out and out != "null" and not any(a in ("-m", "--multirun") for a in args) and \
+            not any(a.startswith("hydra.run.dir=") for a in args):
+        args = [*args, f"hydra.run.dir={out}"]
+    return args
 
 
 @app.command("plan", **HYDRA_ARGS)
@@ -345,12 +399,14 @@ def bench_grading_cmd(
 
 def _run_user_task(fn) -> None:
     """Turn the errors a user can fix (bad paths, configs, offline hub ids) into one-paragraph messages."""
-    from trb.data import DatasetError
-    from trb.models import ModelLoadError
 
     try:
         fn()
-    except (ModelLoadError, DatasetError, FileNotFoundError, ValueError, FloatingPointError) as err:
+    except UserError:
+        raise
+    except FloatingPointError as err:
+        raise RunStopped(str(err)) from None
+    except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
 
 

@@ -6,7 +6,8 @@ there, naming the key); everything below train.py sees only these dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from trb.losses import ESTIMATORS
@@ -21,6 +22,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _finite(obj, prefix: str) -> None:
+    """Every float field of a config section is a finite number (NaN passes `x >= 0`-style checks)."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{prefix}{f.name} must be a finite number; got {v}")
 
 
 @dataclass
@@ -48,6 +57,7 @@ class BlendConfig:
     gamma: float = 0.5  # step shape: factor applied at each milestone
 
     def __post_init__(self) -> None:
+        _finite(self, "blend.")
         _check(self.kind in BLEND_KINDS, f"blend.kind must be one of {', '.join(BLEND_KINDS)}; got {self.kind!r}")
         _check(self.eps0 >= 0, f"blend.eps0 must be >= 0; got {self.eps0}")
         _check(self.horizon >= 0, f"blend.horizon (K) must be >= 0; got {self.horizon}")
@@ -81,12 +91,14 @@ class MethodConfig:
     sft_samples: int = 4  # sft_warmup: teacher samples per prompt
 
     def __post_init__(self) -> None:
+        _finite(self, "method.")
         _check(self.name in METHODS, f"method.name must be one of {', '.join(METHODS)}; got {self.name!r}")
         _check(self.skd_top_k >= 1, f"method.skd_top_k (K) must be >= 1; got {self.skd_top_k}")
         _check(self.skd_temperature > 0, f"method.skd_temperature must be > 0; got {self.skd_temperature}")
         _check(self.veto_b_start >= 0, f"method.veto_b_start must be >= 0; got {self.veto_b_start}")
         _check(self.veto_horizon >= 0, f"method.veto_horizon must be >= 0; got {self.veto_horizon}")
-        _check(0 < self.temp_start, f"method.temp_start must be > 0; got {self.temp_start}")
+        _check(0 < self.temp_start <= 1, f"method.temp_start (tau_0, rising to 1) must be in (0, 1]; got "
+                                          f"{self.temp_start}")
         _check(self.temp_horizon >= 0, f"method.temp_horizon must be >= 0; got {self.temp_horizon}")
         _check(self.sft_updates >= 0, f"method.sft_updates must be >= 0; got {self.sft_updates}")
         _check(self.sft_prompt_steps >= 1, f"method.sft_prompt_steps must be >= 1; got {self.sft_prompt_steps}")
@@ -172,6 +184,7 @@ class RolloutConfig:
     dtype: str = "auto"  # the rollout copy that samples and evaluates: auto (the trained weights') | bfloat16 | float32
 
     def __post_init__(self) -> None:
+        _finite(self, "rollout.")
         _check(self.n >= 1, f"rollout.n must be >= 1; got {self.n}")
         _check(self.max_rows >= 0, f"rollout.max_rows must be >= 0; got {self.max_rows}")
         _check(self.dtype in ("auto", *DTYPES), f"rollout.dtype must be auto or one of {', '.join(DTYPES)}; "
@@ -200,7 +213,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
 
     def __post_init__(self) -> None:
+        _finite(self, "optim.")
         _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        _check(0 <= self.beta1 < 1, f"optim.beta1 must be in [0, 1); got {self.beta1}")
+        _check(0 <= self.beta2 < 1, f"optim.beta2 must be in [0, 1); got {self.beta2}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
         _check(self.decay in ("constant", "cosine"), f"optim.decay must be constant or cosine; got {self.decay!r}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {self.warmup_steps}")
@@ -241,6 +258,7 @@ class DecodingConfig:
     seed: int = 0  # sampling seed
 
     def __post_init__(self) -> None:
+        _finite(self, "decoding.")
         if self.greedy:
             self.n = 1
         _check(self.n >= 1, f"decoding.n must be >= 1; got {self.n}")
@@ -249,6 +267,7 @@ class DecodingConfig:
         _check(self.temperature > 0, f"decoding.temperature must be > 0; got {self.temperature}")
         _check(0 < self.top_p <= 1, f"decoding.top_p must be in (0, 1]; got {self.top_p}")
         _check(all(k >= 1 for k in self.ks), f"decoding.ks must be >= 1; got {self.ks}")
+        _check(self.seed >= 0, f"decoding.seed must be >= 0; got {self.seed}")
         self.ks = [k for k in self.ks if k <= self.n] or [1]
 
 
@@ -281,6 +300,7 @@ class PlanConfig:
     check: bool = True  # trb train on GPUs: refuse at start a run the plan says cannot fit
 
     def __post_init__(self) -> None:
+        _finite(self, "plan.")
         _check(self.world_size >= 0, f"plan.world_size must be >= 0; got {self.world_size}")
         _check(self.device_gb >= 0, f"plan.device_gb must be >= 0; got {self.device_gb}")
         _check(self.reserve_gb >= 0, f"plan.reserve_gb must be >= 0; got {self.reserve_gb}")
@@ -322,12 +342,14 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0 = only the final one)
     keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
     resume: str = "auto"  # auto: continue from the run dir's last complete checkpoint | never | PATH (a checkpoint)
+    overwrite: bool = False  # a run dir holding another run: move its files aside to <dir>.replaced-<time>/, start over
     seed: int = 0  # seeds data order, sampling and init
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads (1 is fastest on small models here)
     output_dir: Optional[str] = None  # run dir (set by Hydra's run dir when None)
 
     def __post_init__(self) -> None:
+        _finite(self, "")
         _check(self.steps >= 0, f"steps must be >= 0; got {self.steps}")
         _check(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}")
@@ -335,6 +357,9 @@ class TrainConfig:
         _check(self.keep_last >= 0, f"keep_last must be >= 0; got {self.keep_last}")
         _check(bool(self.resume), "resume must be auto, never or a checkpoint path")
         _check(self.threads >= 1, f"threads must be >= 1; got {self.threads}")
+        _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
+        _check(not (self.overwrite and self.resume not in ("auto", "never")),
+               "overwrite=true starts a new run: it cannot be combined with resume=PATH")
         check_method_blend(self.method, self.blend)
         longest = self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
         _check(not self.train.micro_batch_tokens or self.train.micro_batch_tokens >= longest,
@@ -352,6 +377,13 @@ class TrainConfig:
 def check_method_blend(method: MethodConfig, blend: BlendConfig) -> None:
     """A method and a blend schedule that contradict each other are refused with what to change."""
     name, kind = method.name, blend.kind
+    if kind == "none":  # no trust region: a budget set anyway would be silently ignored (allowed: the values of
+        # conf/blend/none.yaml and, for configs built in Python, the dataclass defaults)
+        plain = BlendConfig.__dataclass_fields__
+        unused = [f"blend.{k}={getattr(blend, k)}" for k, preset in (("eps0", 0.0), ("horizon", 0), ("milestones", []))
+                  if getattr(blend, k) not in (preset, plain[k].default if k != "milestones" else [])]
+        _check(not unused, f"{', '.join(unused)} is not used with blend=none (method={name} samples without a trust "
+                           f"region): drop it, or use method=trb / method=fixed")
     _check(name not in STUDENT_ONLY_METHODS or kind == "none",
            f"method={name} samples without a trust region, but blend={kind}: drop the blend override "
            f"(method={name} sets blend=none) or use method=trb / method=fixed")
@@ -389,13 +421,7 @@ class RolloutRunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     num_prompts: int = 16  # prompts taken from the dataset's eval split (0 = all)
-    n: int = 4  # samples per prompt
-    max_new_tokens: int = 48  # completion cap
-    temperature: float = 1.0  # rollout temperature
-    max_prompt_tokens: int = 256  # longer prompts are skipped or truncated (long_prompts), and counted
-    long_prompts: str = "skip"  # skip | truncate (keep the last max_prompt_tokens tokens, as TRL does)
-    draft_k: int = 0  # speculative TRB sampling: student drafts k tokens per teacher pass (0 = per token)
-    compile_search: bool = False  # torch.compile the beta search's passes (~40 s once)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # n, max_new_tokens, temperature, draft_k, ...
     step: int = 0  # the training step whose eps / temperature / SKD setting is used
     batch: int = 64  # sequences decoded together
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -406,11 +432,14 @@ class RolloutRunConfig:
     output_dir: Optional[str] = None  # output dir (set by Hydra's run dir when None)
 
     def __post_init__(self) -> None:
+        _finite(self, "")
         _check(self.num_prompts >= 0, f"num_prompts must be >= 0; got {self.num_prompts}")
         _check(self.step >= 0, f"step must be >= 0; got {self.step}")
         _check(self.batch >= 1, f"batch must be >= 1; got {self.batch}")
-        RolloutConfig(n=self.n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                      max_prompt_tokens=self.max_prompt_tokens, draft_k=self.draft_k)  # validates
+        _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
+        _check(self.rollout.dtype == "auto" and not self.rollout.static_cache and not self.rollout.compile_step,
+               "trb rollout decodes with the models as loaded: rollout.dtype, rollout.static_cache and "
+               "rollout.compile_step are trb train settings (leave them at auto / false here)")
         check_method_blend(self.method, self.blend)
 
 
@@ -425,12 +454,16 @@ class EvalConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="eval"))
     grader_workers: int = 1  # math-verify worker processes
+    max_prompt_tokens: int = 4096  # longer prompts are skipped and counted (eval/skipped_too_long)
     seed: int = 0  # seeds the dataset draw (toy) and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads
     output_dir: Optional[str] = None  # results dir (set by Hydra's run dir when None)
 
     def __post_init__(self) -> None:
+        _finite(self, "")
         _check(bool(self.checkpoint), "checkpoint is empty: set checkpoint=PATH (a model folder or a run dir)")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         _check(self.grader_workers >= 1, f"grader_workers must be >= 1; got {self.grader_workers}")
+        _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
+        _check(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1; got {self.max_prompt_tokens}")

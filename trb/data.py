@@ -7,14 +7,17 @@ that is already in the local cache (trb runs with HF_HUB_OFFLINE=1 unless you se
 
 from __future__ import annotations
 
+from trb.errors import UserError
+
 import json
+import sys
 from pathlib import Path
 
 from trb.config import DatasetConfig, PromptConfig
 from trb.toy import EVAL_SEED, ToyTask, make_split
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset could not be loaded; the message names the setting to change."""
 
 
@@ -57,26 +60,49 @@ def _field(rec: dict, dotted: str):
 def _adapt(records, cfg: DatasetConfig, source: str) -> list[dict]:
     rows = []
     for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{source} row {i} is a {type(rec).__name__}, not an object with the fields "
+                               f"{cfg.question_field!r} / {cfg.answer_field!r}")
         try:
             q = _field(rec, cfg.question_field)
             a = _field(rec, cfg.answer_field) if cfg.answer_field else None
-        except (KeyError, IndexError, TypeError) as err:
+        except (KeyError, IndexError, TypeError, ValueError) as err:
             raise DatasetError(f"{source} row {i}: no field {err} (set dataset.question_field / "
                                f"dataset.answer_field; fields there: {sorted(rec)[:10]})") from None
-        row = {"question": str(q), "gold": gold_from(a, cfg.answer_kind)}
+        if not isinstance(q, str) or not q.strip():
+            raise DatasetError(f"{source} row {i}: the question ({cfg.question_field!r}) is {q!r}, not a text; fix "
+                               f"or drop that row (or point dataset.question_field at the problem text)")
+        row = {"question": q, "gold": gold_from(a, cfg.answer_kind)}
         for k in cfg.keep_fields:
             if k in rec:
                 row[k] = rec[k]
         rows.append(row)
     if not rows:
         raise DatasetError(f"{source} holds no rows")
+    missing = sum(r["gold"] is None for r in rows)
+    if cfg.answer_field and missing:
+        other = [k for k in ("gsm8k", "boxed", "plain") if k != cfg.answer_kind]
+        fix = f"dataset.answer_kind={'|'.join(other)}"
+        if missing == len(rows):
+            first = repr(_field(records[0], cfg.answer_field))[:80]
+            raise DatasetError(f"{source}: no row has a gold answer under dataset.answer_kind={cfg.answer_kind} "
+                               f"({_KIND_RULE[cfg.answer_kind]}; first answer: {first}); set {fix}")
+        print(f"warning: {source}: {missing} of {len(rows)} rows have no gold answer under dataset.answer_kind="
+              f"{cfg.answer_kind} ({_KIND_RULE[cfg.answer_kind]}); they count as wrong (or set {fix})",
+              file=sys.stderr)
     return rows
+
+
+_KIND_RULE = {"gsm8k": "the text after ####", "boxed": "the last \\boxed{} of a solution",
+              "plain": "the field as is"}
 
 
 def _read_local(cfg: DatasetConfig) -> list[dict]:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DatasetError(f"dataset.path={cfg.path!r} does not exist")
+    if not path.is_file():
+        raise DatasetError(f"dataset.path={cfg.path!r} is a directory: give a .jsonl or .parquet file")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -145,3 +171,11 @@ def render(tokenizer, question: str, prompt: PromptConfig) -> str:
     else:
         msgs = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def fit_prompts(tokenizer, rows: list[dict], prompt: PromptConfig, max_tokens: int) -> tuple[list[dict], int]:
+    """The rows whose rendered prompt has at most max_tokens tokens, and how many were dropped."""
+    kept = [r for r in rows
+            if len(tokenizer(render(tokenizer, r["question"], prompt), add_special_tokens=False)["input_ids"])
+            <= max_tokens]
+    return kept, len(rows) - len(kept)

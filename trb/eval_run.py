@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trb.checkpoint import list_checkpoints
 from trb.config import EvalConfig, ModelConfig
-from trb.data import load_rows
+from trb.data import fit_prompts, load_rows
 from trb.evaluate import evaluate
 from trb.grading import Grader
 from trb.models import ModelLoadError, load_model, prepare_run, stop_spec
@@ -55,12 +55,19 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
 
     with Grader(workers=cfg.grader_workers) as grader:
         for idx, ckpt in enumerate(checkpoints):
-            model, tok = load_model(ModelConfig(path=ckpt, dtype=cfg.dtype), "checkpoint", device)
+            model, tok = load_model(ModelConfig(path=ckpt, dtype=cfg.dtype), "checkpoint", device, setting="checkpoint")
+            rows_k, too_long = fit_prompts(tok, rows, cfg.prompt, cfg.max_prompt_tokens)
+            if not rows_k:
+                raise ValueError(f"no problem's prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
+            if too_long:
+                log(f"warning: {too_long} of {len(rows)} problems have prompts over max_prompt_tokens="
+                    f"{cfg.max_prompt_tokens} tokens and are skipped (eval/skipped_too_long)")
             with tqdm(total=n_seq, desc=Path(ckpt).name, dynamic_ncols=True, disable=None) as bar:
                 t0 = time.time()
-                metrics, samples = evaluate(model, tok, rows, stop_spec(model, tok), grader, cfg.prompt,
+                metrics, samples = evaluate(model, tok, rows_k, stop_spec(model, tok), grader, cfg.prompt,
                                             cfg.decoding, progress=bar.update)
             metrics["eval/seconds"] = time.time() - t0
+            metrics["eval/skipped_too_long"] = too_long
             step = _step_of(ckpt)
             if len(checkpoints) == 1:
                 name = "samples.jsonl"

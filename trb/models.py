@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from trb.config import ModelConfig
+from trb.errors import UserError
 from trb.rollout import StopSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model or tokenizer could not be loaded; the message says which setting to change."""
 
 
@@ -28,16 +30,21 @@ def resolve_path(cfg: ModelConfig, role: str) -> str:
     return cfg.path
 
 
-def load_model(cfg: ModelConfig, role: str, device: torch.device):
-    """(model, tokenizer) from a local folder or the offline HF cache, safetensors only."""
+def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str | None = None):
+    """(model, tokenizer) from a local folder or the offline HF cache, safetensors only. `setting`
+    is the config key the messages name (default `<role>.path`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    key = setting or f"{role}.path"
     path = resolve_path(cfg, role)
-    local = Path(path).exists()
+    local = Path(path).expanduser().exists()
     if not local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise ModelLoadError(f"{role}.path={path!r} does not exist; give a model folder or a hub id like Qwen/Qwen3-4B")
-    if local and Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
-        raise ModelLoadError(f"{role}.path={path!r} holds no .safetensors weights: trb loads safetensors only (pickled "
+        raise ModelLoadError(f"{key}={path!r} does not exist; give a model folder or a hub id like Qwen/Qwen3-4B")
+    if local and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"{key}={path!r} is a file; give the model's folder (with config.json and "
+                             f".safetensors weights)")
+    if local and not any(Path(path).expanduser().glob("*.safetensors")):
+        raise ModelLoadError(f"{key}={path!r} holds no .safetensors weights: trb loads safetensors only (pickled "
                              f".bin / .pt weights can run code when loaded); convert the folder, e.g. load it "
                              f"yourself and call save_pretrained(folder, safe_serialization=True)")
     try:
@@ -50,18 +57,21 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device):
             path, dtype=_DTYPES[cfg.dtype], use_safetensors=True, local_files_only=True,
             trust_remote_code=cfg.trust_remote_code, **placement,
         )
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ModelLoadError(f"{role} model {path!r} needs its own Python code (auto_map in its config), which trb "
-                             f"does not run unless you set {role}.trust_remote_code=true (only for code you trust)"
-                             ) from None
-    except OSError as err:
-        raise ModelLoadError(
-            f"{role} model {path!r} is not a local folder and is not in the Hugging Face cache (trb never "
-            f"downloads at run time). Download it first (`hf download {path}`) or set {role}.path=/path/to/folder. "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from None
+    except Exception as err:  # noqa: BLE001 - transformers / safetensors / json raise many types
+        text = str(err).splitlines()[0][:200] if str(err) else ""
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{role} model {path!r} needs its own Python code (auto_map in its config), which "
+                                 f"trb does not run unless you set {role}.trust_remote_code=true (only for code you "
+                                 f"trust)") from None
+        if local:
+            raise ModelLoadError(f"{key}={path!r}: the folder could not be loaded ({type(err).__name__}: {text}); "
+                                 f"its config.json, tokenizer or weights are invalid or truncated") from None
+        if isinstance(err, OSError):
+            raise ModelLoadError(
+                f"{role} model {path!r} is not a local folder and is not in the Hugging Face cache (trb never "
+                f"downloads at run time). Download it first (`hf download {path}`) or set {key}=/path/to/folder. "
+                f"({type(err).__name__}: {text})") from None
+        raise
     return model.to(device).eval(), tok
 
 
@@ -105,9 +115,20 @@ def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto (a GPU when one is visible, else the CPU), cpu, cuda, cuda:N; a GPU asked for where none
+    is visible is refused naming the setting."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ModelLoadError(f"device={name!r} is not a device: use device=auto, cpu, cuda or cuda:N")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ModelLoadError(f"device={name} but {why}: use device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
 
 
 def prepare_run(run_dir, threads: int, device: str) -> tuple[Path, torch.device]:

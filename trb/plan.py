@@ -28,6 +28,8 @@ the saved activations were read off transformers' Qwen3 decoder layer with saved
 
 from __future__ import annotations
 
+from trb.errors import UserError
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ SCORE_VOCAB_TENSORS = 3  # teacher log-probs + entropy of 1,024 positions when t
 DECODE_VOCAB_TENSORS = {"blend": 10, "student": 4}
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The plan cannot be made (a model's shape is unknown); the message says what to set."""
 
 

@@ -73,7 +73,7 @@ def continuation_probe(cfg: RolloutRunConfig, student, teacher, tok, stop: StopS
             oks: list[bool] = []
             for i in range(0, len(seqs), cfg.batch):
                 ids, mask = _left_pad(seqs[i : i + cfg.batch], stop.pad_id, device)
-                ro = rollout(model, None, ids, mask, max_new_tokens=cfg.max_new_tokens - t,
+                ro = rollout(model, None, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens - t,
                              sampler=Sampler("student"), stop=stop, generator=gen)
                 conts = decode_completions(tok, ro.tokens, ro.response_mask)
                 oks += grader.grade([h + c for h, c in zip(heads[i : i + cfg.batch], conts)], golds[i : i + cfg.batch])
@@ -125,7 +125,8 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     gen = seed_everything(cfg.seed)
     if device.type == "cuda":
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    if cfg.compile_search:
+    ro_cfg = cfg.rollout
+    if ro_cfg.compile_search:
         compile_search(True)
     student, tok = load_model(cfg.student, "student", device)
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
@@ -136,25 +137,28 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     if cfg.num_prompts:
         rows = rows[: cfg.num_prompts]
     eps = cfg.blend.schedule()(cfg.step)
-    sampler = Method(cfg.method, cfg.blend, cfg.temperature, cfg.draft_k).sampler(cfg.step)
-    log(f"trb rollout: method={cfg.method.name} at step {cfg.step} (eps {eps:g}), {len(rows)} prompts x n={cfg.n}")
+    sampler = Method(cfg.method, cfg.blend, ro_cfg.temperature, ro_cfg.draft_k).sampler(cfg.step)
+    log(f"trb rollout: method={cfg.method.name} at step {cfg.step} (eps {eps:g}), {len(rows)} prompts x "
+        f"n={ro_cfg.n}")
 
     t0 = time.time()
-    per_batch = max(1, cfg.batch // cfg.n)
+    per_batch = max(1, cfg.batch // ro_cfg.n)
     parts, kept, prompt_ids, skipped = [], [], [], 0
     for i in range(0, len(rows), per_batch):
-        chunk, ids, mask, sk = encode_batch(tok, rows[i : i + per_batch], cfg.prompt, cfg.max_prompt_tokens, device)
+        chunk, ids, mask, sk = encode_batch(tok, rows[i : i + per_batch], cfg.prompt, ro_cfg.max_prompt_tokens,
+                                            device, truncate=ro_cfg.long_prompts == "truncate")
         skipped += sk
         if not chunk:
             continue
-        ro = rollout(student, teacher, ids, mask, max_new_tokens=cfg.max_new_tokens, sampler=sampler, stop=stop,
-                     generator=gen, n=cfg.n)
+        ro = rollout(student, teacher, ids, mask, max_new_tokens=ro_cfg.max_new_tokens, sampler=sampler, stop=stop,
+                     generator=gen, n=ro_cfg.n, max_rows=ro_cfg.max_rows)
         teacher_scores(teacher, ro, stop)  # teacher log-probs / entropy for student-only samplers
         parts.append(ro)
-        kept += [(r, j) for r in chunk for j in range(cfg.n)]
+        kept += [(r, j) for r in chunk for j in range(ro_cfg.n)]
         prompt_ids += [row[m.bool()].tolist() for row, m in zip(ro.prompt_ids, ro.prompt_mask)]
     if not parts:
-        raise ValueError(f"no prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
+        raise ValueError(f"no prompt fits rollout.max_prompt_tokens={ro_cfg.max_prompt_tokens}; raise it or set "
+                         f"rollout.long_prompts=truncate")
     seconds = time.time() - t0
 
     merged = concat_rollouts(parts, stop.pad_id)

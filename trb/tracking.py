@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from trb.errors import UserError
+
 import json
 import math
 import os
@@ -94,5 +96,29 @@ class Tracker:
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    """The records of a run's metrics.jsonl (see metrics_records)."""
+    return metrics_records(Path(run_dir) / "metrics.jsonl")
+
+
+def metrics_records(path: Path, with_lines: bool = False) -> list:
+    """The records of a metrics.jsonl. A torn last line (a process killed mid-write) is dropped;
+    any other line that is not a JSON object is an error naming the file and line."""
+    lines = [x for x in Path(path).read_text(errors="replace").splitlines()]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or "step" not in rec:
+            if i == len(lines) - 1 and rec is None:
+                break  # torn by a crash; recomputed on resume
+            raise UserError(f"{path} line {i + 1} is not a metrics record ({line[:60]!r}): the file was "
+                                      f"edited or mixed; repair or remove that line")
+        out.append((rec, line) if with_lines else rec)
+    return out
+

@@ -34,14 +34,15 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from trb import distributed
+from trb import distributed, rundir
 from trb.blend import RowNoise, compile_search
-from trb.checkpoint import (find_resume, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
+from trb.checkpoint import (list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
 from trb.config import TrainConfig
-from trb.data import load_rows, render
+from trb.data import fit_prompts, load_rows, render
 from trb.diagnostics import effective_temperature, rollout_metrics
 from trb.distributed import World
+from trb.rundir import Claim
 from trb.evaluate import aggregate, decode_completions, encode_prompts, evaluate
 from trb.grading import Grader
 from trb.losses import Estimator, Target, chunked_distill_loss, chunked_nll_loss
@@ -271,8 +272,22 @@ def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
                                  f"last one)")
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)  # no gradients are held while the next step decodes
+    bad = nonfinite_params(run.objective.parameters(), dev)
+    if bad:
+        raise FloatingPointError(f"non-finite weights after the optimiser step at step {step} ({bad} parameter "
+                                 f"tensors): training stopped; the checkpoints written so far are intact (lower "
+                                 f"optim.lr, check the models' dtypes, or resume from the last one)")
     run.refresh_policy()
     return Update(global_loss, global_value, gnorm, t_teacher, time.time() - t0 - t_teacher, n_mb, widest)
+
+
+def nonfinite_params(params, device) -> int:
+    """How many parameter tensors hold a NaN or inf, summed over ranks (FSDP2: each rank's shards);
+    one norm per tensor, no copy of the weights."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    local = [p.detach() for p in local if p.numel()]
+    bad = float((~torch.isfinite(torch.stack(torch._foreach_norm(local)))).sum()) if local else 0.0  # one sync
+    return int(distributed.all_sum([bad], device)[0])
 
 
 def build_sft_pool(run: _Run, train_rows, log) -> list[Sequences]:
@@ -417,14 +432,40 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
                 log = _quiet
             run_dir = distributed.gather(str(run_dir))[0]  # rank 0's run dir
         check_plan(cfg, world, log)
-        session = build(cfg, world, Path(run_dir), log)
-        loop(session, log)
-        summary = finish(session, log)
+        claim = claim_run_dir(cfg, world, Path(run_dir))
+        try:
+            try:
+                session = build(cfg, world, Path(run_dir), claim, log)
+            except BaseException:
+                if claim is not None:
+                    claim.abort()  # a refusal: the run dir as it was
+                raise
+            loop(session, log)
+            summary = finish(session, log)
+        finally:
+            if claim is not None:
+                claim.release()
         ok = True
         return summary
     finally:
         if own_group:  # the process group was joined here (not by the CLI): leave it
             distributed.finish(barrier=ok)
+
+
+def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
+    """Rank 0 locks the run dir and decides where the run starts (trb.rundir); every rank gets the
+    same decision (or the same refusal). Other ranks return a Claim without a lock."""
+    claim, refusal = None, None
+    if world.main:
+        try:
+            claim = rundir.claim(cfg, run_dir)
+        except rundir.RunDirError as err:
+            refusal = str(err)
+    decision = (refusal, str(claim.resume_from) if claim and claim.resume_from else None)
+    refusal, resume = distributed.gather(decision)[0]
+    if refusal:
+        raise rundir.RunDirError(refusal)
+    return claim or rundir.Claim(run_dir, Path(resume) if resume else None, None, False, [], False, [])
 
 
 def check_plan(cfg: TrainConfig, world: World, log) -> None:
@@ -464,8 +505,9 @@ class _Session:
     t_start: float = 0.0
 
 
-def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
-    """Load the models, shard them, build the optimiser and method, restore a checkpoint."""
+def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _Session:
+    """Load the models, shard them, build the optimiser and method, restore a checkpoint; nothing is
+    written into the run dir before everything a user could get wrong has been checked."""
     run_dir, device = prepare_run(run_dir, cfg.threads, cfg.device)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -477,13 +519,22 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
 
     if cfg.rollout.compile_search:
         compile_search(True)
-    resume_from = find_resume(cfg, run_dir)
+    for note in claim.notes:
+        log(note)
+    resume_from = claim.resume_from
     if resume_from is not None:  # the student's weights come from the checkpoint
-        student, tok = load_model(dataclasses.replace(cfg.student, path=str(resume_from)), "checkpoint", device)
+        student, tok = load_model(dataclasses.replace(cfg.student, path=str(resume_from)), "checkpoint", device,
+                                 setting="resume")
     else:
         student, tok = load_model(cfg.student, "student", device)
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
+    for role, model in (("student", student), ("teacher", teacher)):
+        bad = nonfinite_params(model.parameters(), device)
+        if bad:
+            where = f"the checkpoint {resume_from}" if role == "student" and resume_from else \
+                f"{role}.path={getattr(cfg, role).path!r}"
+            raise ValueError(f"the {role}'s weights hold NaN or inf ({bad} parameter tensors): {where} is broken")
     stop = check_pair(student, tok, teacher, t_tok)
     vocab = stop.vocab
     if cfg.loss.estimator == "topk" and cfg.loss.k > vocab:
@@ -495,6 +546,21 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
     eval_rows = load_rows(cfg.eval_dataset or cfg.dataset, cfg.seed, role="eval")
     render(tok, train_rows[0]["question"], cfg.prompt)  # a prompt format the tokenizer cannot render fails now,
     # before anything is written into the run dir
+    if cfg.rollout.long_prompts == "skip":  # a run whose every step would be skipped trains nothing
+        fitting, too_long = fit_prompts(tok, train_rows, cfg.prompt, cfg.rollout.max_prompt_tokens)
+        if not fitting:
+            raise ValueError(f"no training prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}: "
+                             f"every step would be skipped; raise it or set rollout.long_prompts=truncate")
+        if too_long:
+            log(f"warning: {too_long} of {len(train_rows)} training prompts exceed rollout.max_prompt_tokens="
+                f"{cfg.rollout.max_prompt_tokens} and are skipped when drawn (prompts/skipped_too_long)")
+    eval_rows, eval_too_long = fit_prompts(tok, eval_rows, cfg.prompt, cfg.rollout.max_prompt_tokens)
+    if eval_too_long:  # the periodic eval obeys the same prompt bound as the rollouts
+        if not eval_rows:
+            raise ValueError(f"no eval problem fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}; "
+                             f"raise it")
+        log(f"warning: {eval_too_long} eval problems exceed rollout.max_prompt_tokens="
+            f"{cfg.rollout.max_prompt_tokens} and are left out of the periodic eval")
     procs = f" x {world.size} processes (FSDP2 student, {_TEACHER_MODE[cfg.parallel.teacher]} teacher)"
     log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}"
         f"{procs if world.distributed else ''}, run dir {run_dir}")
@@ -517,8 +583,13 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, log) -> _Session:
         state = load_trainer_state(resume_from)
         start, skipped_long = int(state["step"]), int(state.get("skipped_long", 0))
         distributed.load_optimizer_state(objective, opt, state["optimizer"])
-        if world.main:
+    if world.main:  # the first write into the run dir
+        moved = claim.commit()
+        if moved is not None:
+            log(f"overwrite=true: the previous run's files moved to {moved}")
+        if resume_from is not None:
             evals = truncate_metrics(run_dir, start, final=start >= cfg.steps)
+    if resume_from is not None:
         log(f"resuming from {resume_from} (step {start})")
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name) if world.main else None
     if world.main:

@@ -1,0 +1,215 @@
+"""One rule for run dirs: a run dir belongs to one run, and one process writes it at a time.
+
+`claim(cfg, run_dir)` runs before anything is loaded or written. It takes an exclusive lock
+(`.trb.lock`: pid, host, start time; released on exit; a lock whose process is gone on this host
+is stale and taken over) and decides where the run starts:
+
+- a dir without run files (new, empty, or holding unrelated files): a new run, or with
+  resume=PATH a continuation of PATH's run (PATH's own train_config.json must match);
+- a dir holding a run (train_config.json): the same run (every key equal but the memory and
+  decoding knobs of checkpoint._RESUMABLE_IGNORED; `steps` may be raised to extend it) continues
+  from its last checkpoint (resume=auto) or from one of its checkpoints (resume=PATH, when no
+  later one exists); anything else is refused naming the keys that differ, resume=never included;
+- run files without a train_config.json: refused (trb cannot tell whose they are).
+
+overwrite=true moves the old run's files aside to a sibling `<run dir>.replaced-<time>/` and starts
+over. A refusal leaves the dir as it was (the lock removed, a dir created for it removed);
+`Claim.commit()` (just before the first write) moves files aside and resets the metrics of a run
+that never reached a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from trb.checkpoint import _comparable, list_checkpoints
+from trb.errors import UserError
+
+LOCK = ".trb.lock"
+RUN_FILES = ("train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "wandb", "wandb_run_id")
+
+
+class RunDirError(UserError):
+    """The run dir cannot be used by this run; the message says why and what to change."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _take_lock(run_dir: Path) -> tuple[Path, str | None]:
+    """Create the lock file exclusively; returns (lock path, a note when a stale lock was replaced)."""
+    path = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    note = None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+            except (OSError, ValueError):
+                held = {}
+            pid, host = held.get("pid"), held.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _alive(pid):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                note = f"removed a stale lock of pid {pid} (no such process) from {path}"
+                continue
+            raise RunDirError(
+                f"output_dir {run_dir} is in use by trb pid {pid} on {host} since {held.get('started')}: a second "
+                f"process would mix both runs; wait for it, use another output_dir, or delete {path} if that "
+                f"process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path, note
+    raise RunDirError(f"could not take the lock {path}; delete it if no trb process uses {run_dir}")
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _config_diff(saved: dict, now: dict, last_step: int) -> list[str]:
+    """Keys in which two run configs differ (ignoring the resumable knobs); a raised `steps` is an
+    extension, not a difference, when the lr schedule does not depend on it."""
+    saved, now = _comparable(saved), _comparable(now)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if "steps" in diff and now.get("steps", 0) >= max(last_step, saved.get("steps", 0)) and \
+            now.get("optim", {}).get("decay") == "constant":
+        diff.remove("steps")
+    return diff
+
+
+@dataclasses.dataclass
+class Claim:
+    run_dir: Path
+    resume_from: Path | None
+    lock: Path | None
+    created: bool
+    aside: list[str]  # run files to move aside on commit (overwrite=true)
+    reset_metrics: bool  # the same run, restarted before its first checkpoint
+    notes: list[str]
+
+    def commit(self) -> Path | None:
+        """Just before the first write: move the old run aside (overwrite), drop the metrics of a run
+        that never reached a checkpoint. Returns the folder the old run went to, if any."""
+        moved = None
+        if self.aside:
+            moved = self.run_dir.with_name(f"{self.run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            moved.mkdir(parents=True)
+            for name in self.aside:
+                os.replace(self.run_dir / name, moved / name)
+            self.aside = []
+        if self.reset_metrics and (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+        return moved
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.unlink(missing_ok=True)
+            self.lock = None
+
+    def abort(self) -> None:
+        """A refusal: the dir as it was (lock removed, a dir created for this run removed if empty)."""
+        self.release()
+        if self.created:
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step_"))
+
+
+def claim(cfg, run_dir: Path) -> Claim:
+    """Lock run_dir and decide where the run starts (see the module docstring); RunDirError if it
+    cannot be used. Call abort() on a later refusal, release() at the end."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"output_dir {run_dir} is a file, not a directory: use another output_dir")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create output_dir {run_dir}: {err.strerror}; use another output_dir") from None
+    try:
+        lock, note = _take_lock(run_dir)
+    except OSError as err:
+        if created:
+            run_dir.rmdir()
+        raise RunDirError(f"cannot write into output_dir {run_dir}: {err.strerror}; use another output_dir") from None
+    c = Claim(run_dir, None, lock, created, [], False, [note] if note else [])
+    try:
+        _decide(cfg, c)
+    except BaseException:
+        c.abort()
+        raise
+    return c
+
+
+def _decide(cfg, c: Claim) -> None:
+    run_dir, now = c.run_dir, json.loads(json.dumps(dataclasses.asdict(cfg)))
+    files = _run_files(run_dir)
+    ckpts = [p for p in list_checkpoints(run_dir) if (p / "trainer_state.pt").exists()]
+    path = None if cfg.resume in ("auto", "never") else Path(cfg.resume).expanduser()
+    if path is not None and not (path / "trainer_state.pt").exists():
+        raise RunDirError(f"resume={cfg.resume!r} is not a trb checkpoint (no trainer_state.pt); give a "
+                          f"run_dir/checkpoints/step_NNNNNN folder, resume=auto or resume=never")
+    aside_hint = f"overwrite=true to move the old run aside to {run_dir.name}.replaced-<time>/ and start over"
+    if files and cfg.overwrite:
+        if path is not None:
+            raise RunDirError("overwrite=true starts a new run: it cannot be combined with resume=PATH")
+        c.aside = files
+        return
+    if files and not (run_dir / "train_config.json").exists():
+        raise RunDirError(f"output_dir {run_dir} holds run files ({', '.join(files)}) but no train_config.json, so "
+                          f"trb cannot tell which run they belong to: use another output_dir, or {aside_hint}")
+    if not files:  # a new run here
+        if path is not None:
+            source = path.parent.parent / "train_config.json"
+            if source.exists():
+                diff = _config_diff(json.loads(source.read_text()), now, _step_of(path))
+                if diff:
+                    raise RunDirError(f"resume={path} belongs to a different run (its run dir's train_config.json "
+                                      f"differs in: {', '.join(diff)}); resume it with its own settings")
+            c.resume_from = path
+        return
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    last = _step_of(ckpts[-1]) if ckpts else 0
+    diff = _config_diff(saved, now, last)
+    if diff:
+        raise RunDirError(f"output_dir {run_dir} holds a different run (its train_config.json differs in: "
+                          f"{', '.join(diff)}); use another output_dir, or {aside_hint}")
+    if cfg.resume == "never":
+        raise RunDirError(f"output_dir {run_dir} already holds this run ({len(ckpts)} checkpoint(s), last step "
+                          f"{last}); resume=never would start over on top of it: resume=auto continues it, or "
+                          f"{aside_hint}, or use another output_dir")
+    if path is not None:
+        if path.resolve().parent != (run_dir / "checkpoints").resolve():
+            raise RunDirError(f"resume={path} is a checkpoint of another run dir, but output_dir {run_dir} holds a "
+                              f"run of its own: give one of its checkpoints, or a new output_dir to continue {path} "
+                              f"there")
+        later = [p.name for p in ckpts if _step_of(p) > _step_of(path)]
+        if later:
+            raise RunDirError(f"output_dir {run_dir} has checkpoints after {path.name} ({', '.join(later)}): "
+                              f"resuming from step {_step_of(path)} would mix them with the new steps; resume from "
+                              f"the last one (resume=auto), or move them out of {run_dir / 'checkpoints'}")
+        c.resume_from = path
+        return
+    c.resume_from = ckpts[-1] if ckpts else None
+    c.reset_metrics = not ckpts  # the same run, killed before its first checkpoint: its records are redone
+
+
