@@ -82,7 +82,8 @@ def _run(student, teacher, tok, *, budget=0, estimator="topk", method="trb", che
          compute_dtype="float32"):
     cfg = TrainConfig(loss=LossConfig(estimator=estimator, k=5, chunk_size=7),
                       method=MethodConfig(name=method, veto_b_start=0.5, veto_horizon=10),
-                      blend=BlendConfig(kind="linear" if method == "trb" else "none", eps0=0.05, horizon=10),
+                      blend=BlendConfig(kind="linear", eps0=0.05, horizon=10) if method == "trb" else
+                      BlendConfig(kind="none"),
                       rollout=RolloutConfig(n=3, max_new_tokens=12, max_prompt_tokens=30),
                       train=StepConfig(micro_batch_tokens=budget, activation_checkpointing=checkpointing,
                                        compute_dtype=compute_dtype),

@@ -405,3 +405,17 @@ def test_trb_rollout_holds_a_rollout_section(pair, tmp_path):
     assert all(len(r["prompt_ids"]) == 2 for r in recs)  # truncated to the last 2 tokens, not skipped
     res = cli(["rollout", *base, "long_prompts=truncate", f"output_dir={tmp_path / 'r2'}"], cwd=tmp_path)
     assert res.returncode != 0 and "long_prompts" in res.stderr  # the setting exists once: rollout.long_prompts
+
+
+@pytest.mark.parametrize("code, text", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_full_or_read_only_disk_mid_run_is_one_line(code, text):
+    from trb.cli import _run_user_task
+    from trb.errors import RunStopped
+
+    def write():
+        raise OSError(code, text, "/runs/x/metrics.jsonl")
+
+    with pytest.raises(RunStopped, match=f"could not write /runs/x/metrics.jsonl: {text}"):
+        _run_user_task(write)
+    with pytest.raises(OSError):  # anything else an OSError can be stays a bug with its traceback
+        _run_user_task(lambda: (_ for _ in ()).throw(OSError(5, "Input/output error")))

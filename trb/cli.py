@@ -13,6 +13,7 @@ merges the result onto the typed schema (trb.config) and calls the pure-Python e
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -247,7 +248,7 @@ def plan_cmd(ctx: typer.Context) -> None:
         except PlanError as err:
             raise UserError(str(err)) from None
 
-    args = list(ctx.args)
+    args = _run_dir_args(list(ctx.args))
     if not any(a.startswith(("hydra.run.dir=", "output_dir=")) for a in args):
         args.append("hydra.run.dir=outputs/plan/${now:%Y-%m-%d_%H-%M-%S}")
     run_hydra("train", args, task)
@@ -406,7 +407,14 @@ def _run_user_task(fn) -> None:
         raise
     except FloatingPointError as err:
         raise RunStopped(str(err)) from None
-    except (FileNotFoundError, ValueError) as err:
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):  # the disk, not trb
+            raise RunStopped(f"could not write {err.filename or 'a file'}: {err.strerror}; free space or use "
+                             f"another output_dir (the checkpoints written so far are intact)") from None
+        if isinstance(err, FileNotFoundError):
+            raise UserError(str(err)) from None
+        raise
+    except ValueError as err:
         raise UserError(str(err)) from None
 
 
