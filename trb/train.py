@@ -281,13 +281,13 @@ def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
     return Update(global_loss, global_value, gnorm, t_teacher, time.time() - t0 - t_teacher, n_mb, widest)
 
 
-def nonfinite_params(params, device) -> int:
-    """How many parameter tensors hold a NaN or inf, summed over ranks (FSDP2: each rank's shards);
-    one norm per tensor, no copy of the weights."""
+def nonfinite_params(params, device, across_ranks: bool = True) -> int:
+    """How many parameter tensors hold a NaN or inf, summed over ranks (FSDP2: each rank's shards;
+    across_ranks=False: this rank's full copy); one norm per tensor, no copy of the weights."""
     local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
     local = [p.detach() for p in local if p.numel()]
     bad = float((~torch.isfinite(torch.stack(torch._foreach_norm(local)))).sum()) if local else 0.0  # one sync
-    return int(distributed.all_sum([bad], device)[0])
+    return int(distributed.all_sum([bad], device)[0]) if across_ranks else int(bad)
 
 
 def build_sft_pool(run: _Run, train_rows, log) -> list[Sequences]:
@@ -452,6 +452,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
             distributed.finish(barrier=ok)
 
 
+_PROMPT_SAMPLE = 2000  # training prompts whose length is checked at start
+
+
 def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
     """Rank 0 locks the run dir and decides where the run starts (trb.rundir); every rank gets the
     same decision (or the same refusal). Other ranks return a Claim without a lock."""
@@ -471,9 +474,8 @@ def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
 def check_plan(cfg: TrainConfig, world: World, log) -> None:
     """On GPUs (plan.check): the memory plan of this run, refused in seconds if it cannot fit,
     before any weight is loaded or anything is written."""
-    from trb.models import pick_device
-
-    if not cfg.plan.check or pick_device(cfg.device).type != "cuda":
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if not cfg.plan.check or not on_gpu:  # (whether the GPU exists is checked when the device is picked)
         return
     from trb.plan import PlanError, plan_memory
 
@@ -530,7 +532,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     teacher, t_tok = load_model(cfg.teacher, "teacher", device)
     teacher.requires_grad_(False)
     for role, model in (("student", student), ("teacher", teacher)):
-        bad = nonfinite_params(model.parameters(), device)
+        bad = nonfinite_params(model.parameters(), device, across_ranks=False)  # every rank loaded the same files
         if bad:
             where = f"the checkpoint {resume_from}" if role == "student" and resume_from else \
                 f"{role}.path={getattr(cfg, role).path!r}"
@@ -547,12 +549,15 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     render(tok, train_rows[0]["question"], cfg.prompt)  # a prompt format the tokenizer cannot render fails now,
     # before anything is written into the run dir
     if cfg.rollout.long_prompts == "skip":  # a run whose every step would be skipped trains nothing
-        fitting, too_long = fit_prompts(tok, train_rows, cfg.prompt, cfg.rollout.max_prompt_tokens)
+        sample = train_rows[:_PROMPT_SAMPLE]  # bounded: rendering 100k chat prompts would take minutes
+        fitting, too_long = fit_prompts(tok, sample, cfg.prompt, cfg.rollout.max_prompt_tokens)
+        of = f"the first {len(sample)}" if len(sample) < len(train_rows) else f"{len(sample)}"
         if not fitting:
-            raise ValueError(f"no training prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}: "
-                             f"every step would be skipped; raise it or set rollout.long_prompts=truncate")
+            raise ValueError(f"none of {of} training prompts fits rollout.max_prompt_tokens="
+                             f"{cfg.rollout.max_prompt_tokens}: every step would be skipped; raise it or set "
+                             f"rollout.long_prompts=truncate")
         if too_long:
-            log(f"warning: {too_long} of {len(train_rows)} training prompts exceed rollout.max_prompt_tokens="
+            log(f"warning: {too_long} of {of} training prompts exceed rollout.max_prompt_tokens="
                 f"{cfg.rollout.max_prompt_tokens} and are skipped when drawn (prompts/skipped_too_long)")
     eval_rows, eval_too_long = fit_prompts(tok, eval_rows, cfg.prompt, cfg.rollout.max_prompt_tokens)
     if eval_too_long:  # the periodic eval obeys the same prompt bound as the rollouts
