@@ -93,6 +93,11 @@ def test_aggregate_agrees_with_samples():
     m = aggregate(rows, samples, DecodingConfig(greedy=False, n=4, ks=[1, 2, 4]), 1.0, 60, 0)
     assert abs(m["eval/pass@1"] - sum(s["correct"] for s in samples) / 20) < 1e-12
     assert m["eval/no_answer"] == sum(s["extracted"] is None for s in samples) / 20
+    import numpy as np  # the standard error over problems, as lm-evaluation-harness reports it
+
+    per = np.array([np.mean([s["correct"] for s in samples if s["problem"] == i]) for i in range(5)])
+    assert abs(m["eval/pass@1_stderr"] - per.std(ddof=1) / np.sqrt(5)) < 1e-12
+    assert m["eval/accuracy_stderr"] == m["eval/pass@1_stderr"] and "eval/maj@4_stderr" in m
     for key in ("A", "B"):
         sel = [s["correct"] for s in samples if s["type"] == key]
         assert m[f"eval/type/{key}"] == sum(sel) / len(sel)

@@ -189,3 +189,14 @@ def test_non_finite_loss_stops_with_the_step(pair, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert r.returncode == 2 and "non-finite loss at step 0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["train", "--help"], ["train", "--cfg", "job"], ["eval", "--help"],
+                                  ["rollout", "--cfg", "job"]])
+def test_help_and_cfg_never_import_torch(args, tmp_path):
+    """What makes them fast (was ~3 s here, 11 s on a busy machine): torch and transformers load only
+    after the config is composed and a run is about to start."""
+    code = ("import sys\nfrom trb.cli import main\nsys.argv = ['trb', *sys.argv[1:]]\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "TORCH False False", r.stdout[-1000:] + r.stderr[-1000:]

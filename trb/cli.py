@@ -14,6 +14,7 @@ merges the result onto the typed schema (trb.config) and calls the pure-Python e
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -97,9 +98,10 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
             if not multirun and not isinstance(err, RunStopped):  # a refusal: the run dir as it was
                 (before or _DirState(run_dir, existed=False)).restore()
 
-    from trb import distributed
+    launched = _launched()
+    if launched:  # under torchrun: one run dir for all ranks, written by rank 0
+        from trb import distributed
 
-    if _launched():  # under torchrun: one run dir for all ranks, written by rank 0
         _join_ranks()
         if distributed.current().rank != 0:
             args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
@@ -111,7 +113,10 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
         ok = not failures
     finally:
         sys.argv = argv
-        distributed.finish(barrier=ok)
+        if launched or "torch.distributed" in sys.modules:  # (help and --cfg never import torch)
+            from trb import distributed
+
+            distributed.finish(barrier=ok)
     if failures:
         raise typer.Exit(code=2)
 
@@ -157,7 +162,10 @@ class _DirState:
 
 def _launched() -> bool:
     """Whether this process is one of several ranks (torchrun or Slurm tasks); a Slurm job that
-    lacks the rendezvous address ends with a message."""
+    lacks the rendezvous address ends with a message. Decided from the environment first, so that
+    `--help` and `--cfg` of a single process never import torch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and os.environ.get("TRB_SLURM_RANKS") != "1":
+        return False
     from trb import distributed
 
     try:
@@ -197,12 +205,11 @@ def train_cmd(ctx: typer.Context) -> None:
     `trb train --help` lists the config groups)."""
 
     from trb.config import TrainConfig
-    from trb.train import train
 
-    _hydra_command("train", ctx, TrainConfig, train)
+    _hydra_command("train", ctx, TrainConfig, "trb.train:train")
 
 
-def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
+def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
     """Compose conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
     output_dir overrides Hydra's run dir, and a sweep's runs share one W&B group."""
 
@@ -217,7 +224,9 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry) -> None:
             run_dir = Path(typed.output_dir)
         if typed.logger.group is None and _is_multirun():
             typed.logger.group = Path(cfg_sweep_dir()).name
-        _run_user_task(lambda: entry(typed, run_dir, log=typer.echo))
+        module, fn = entry.split(":")
+        run = getattr(importlib.import_module(module), fn)  # torch and transformers load only now
+        _run_user_task(lambda: run(typed, run_dir, log=typer.echo))
 
     run_hydra(name, _run_dir_args(list(ctx.args)), task)
 
@@ -260,9 +269,8 @@ def plan_cmd(ctx: typer.Context) -> None:
 def eval_cmd(ctx: typer.Context) -> None:
     """Score checkpoints: pass@k / maj@k graded with math-verify (Hydra overrides; `trb eval --help`)."""
     from trb.config import EvalConfig
-    from trb.eval_run import run_eval
 
-    _hydra_command("eval", ctx, EvalConfig, run_eval)
+    _hydra_command("eval", ctx, EvalConfig, "trb.eval_run:run_eval")
 
 
 @app.command("rollout", **HYDRA_ARGS)
@@ -270,9 +278,8 @@ def rollout_cmd(ctx: typer.Context) -> None:
     """Sample prompts under a method's behaviour policy without training: per-token records,
     an HTML view coloured by beta, diagnostics, a continuation-gain probe (`trb rollout --help`)."""
     from trb.config import RolloutRunConfig
-    from trb.rollout_run import run_rollout
 
-    _hydra_command("rollout", ctx, RolloutRunConfig, run_rollout)
+    _hydra_command("rollout", ctx, RolloutRunConfig, "trb.rollout_run:run_rollout")
 
 
 @app.command("report")

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from trb.losses import ESTIMATORS
 from trb.schedules import Schedule
 
+ESTIMATORS = ("full", "topk", "sampled")  # loss estimators (trb.losses); kept here so configs import no torch
 BLEND_KINDS = ("none", "constant", "linear", "cosine", "step")
 METHODS = ("opd", "trb", "fixed", "skd", "veto", "temp_warmup", "sft_warmup")
 STUDENT_ONLY_METHODS = ("opd", "skd", "veto", "temp_warmup", "sft_warmup")  # no trust-region budget

@@ -78,7 +78,8 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                     f.write(json.dumps(s) + "\n")
             results.append({"checkpoint": ckpt, "step": step, "samples": name, "metrics": metrics})
             tracker.log(metrics, step if step is not None else idx)
-            ks = " ".join(f"pass@{k} {metrics[f'eval/pass@{k}']:.3f} maj@{k} {metrics[f'eval/maj@{k}']:.3f}"
+            ks = " ".join(f"pass@{k} {metrics[f'eval/pass@{k}']:.3f}±{metrics[f'eval/pass@{k}_stderr']:.3f} "
+                          f"maj@{k} {metrics[f'eval/maj@{k}']:.3f}"
                           for k in cfg.decoding.ks)
             log(f"{ckpt}: {ks}  no-answer {metrics['eval/no_answer']:.3f}  truncated "
                 f"{metrics['eval/truncated']:.3f}  timeouts {metrics['eval/grading_timeouts']}  "

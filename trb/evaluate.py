@@ -41,6 +41,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """The mean over problems and its standard error (sample std, ddof 1, over sqrt(problems); 0 for
+    one problem): the per-problem values are the unit, as in lm-evaluation-harness, so the error
+    of pass@k with n samples per problem includes the problems' spread, not only the sampling's."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> bool:
     """Majority vote over the first k answers' vote keys (the grader's parsed answers, so `0.5` and
     `\\frac{1}{2}` vote together; None never wins); ties go to the answer seen first. The vote is
@@ -115,11 +127,13 @@ def aggregate(rows: list[dict], samples: list[dict], decoding: DecodingConfig, s
     per_problem = [sorted(by_problem[i], key=lambda s: s["sample"]) for i in range(len(rows))]
     metrics: dict = {}
     for k in decoding.ks:
-        metrics[f"eval/pass@{k}"] = sum(pass_at_k(len(ss), sum(s["correct"] for s in ss), k)
-                                        for ss in per_problem) / len(rows)
-        metrics[f"eval/maj@{k}"] = sum(maj_at_k([s["vote"] for s in ss], [s["correct"] for s in ss], k)
-                                       for ss in per_problem) / len(rows)
+        for name, values in (
+                (f"pass@{k}", [pass_at_k(len(ss), sum(s["correct"] for s in ss), k) for ss in per_problem]),
+                (f"maj@{k}", [float(maj_at_k([s["vote"] for s in ss], [s["correct"] for s in ss], k))
+                              for ss in per_problem])):
+            metrics[f"eval/{name}"], metrics[f"eval/{name}_stderr"] = mean_stderr(values)
     metrics["eval/accuracy"] = metrics["eval/pass@1"]
+    metrics["eval/accuracy_stderr"] = metrics["eval/pass@1_stderr"]
     metrics["eval/no_answer"] = sum(s["extracted"] is None for s in samples) / len(samples)
     metrics["eval/truncated"] = sum(s["truncated"] for s in samples) / len(samples)
     metrics["eval/length"] = sum(s["tokens"] for s in samples) / len(samples)

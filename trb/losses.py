@@ -25,8 +25,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from trb.blend import canonicalize_eos, safe_prod
+from trb.config import ESTIMATORS
 
-ESTIMATORS = ("full", "topk", "sampled")
 
 
 def reverse_kl_full(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor):
