@@ -7,7 +7,7 @@
     trb report RUN_OR_SWEEP...   compare runs: accuracy curves, schedule plots, a markdown table
     trb toy build [--out DIR]    rebuild the embedded toy models bit for bit
 
-Only this file knows Hydra and OmegaConf: it composes conf/<command>.yaml with the overrides,
+Only this file knows Hydra and OmegaConf: it composes trb/conf/<command>.yaml with the overrides,
 merges the result onto the typed schema (trb.config) and calls the pure-Python entry point.
 """
 
@@ -33,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 
-CONF_DIR = Path(os.environ.get("TRB_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+# the YAML config groups ship inside the package (trb/conf), so an installed wheel finds them from any directory
+CONF_DIR = Path(os.environ.get("TRB_CONF_DIR", Path(__file__).resolve().parent / "conf"))
 HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
                                    "help_option_names": []}, "add_help_option": False}
 
@@ -73,7 +74,7 @@ def to_schema(cfg, schema):
 
 
 def run_hydra(config_name: str, args: list[str], task) -> None:
-    """Run `task(cfg_dict, run_dir)` under Hydra with conf/<config_name>.yaml and `args`."""
+    """Run `task(cfg_dict, run_dir)` under Hydra with trb/conf/<config_name>.yaml and `args`."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -177,7 +178,7 @@ def _launched() -> bool:
 
 def _join_ranks() -> None:
     """torchrun: join the process group before Hydra composes; TRB_RUN_STAMP (rank 0's clock) names
-    the run / sweep dir in conf/train.yaml, so every rank uses the same folder."""
+    the run / sweep dir in trb/conf/train.yaml, so every rank uses the same folder."""
     import torch
 
     from trb import distributed
@@ -210,7 +211,7 @@ def train_cmd(ctx: typer.Context) -> None:
 
 
 def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
-    """Compose conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
+    """Compose trb/conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
     output_dir overrides Hydra's run dir, and a sweep's runs share one W&B group."""
 
     if _launched() and name != "train":

@@ -1,0 +1,58 @@
+"""The wheel works from any directory: built here, installed into a fresh venv that sees the test
+env's dependencies (not its editable trb), run from a temporary directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_wheel_installs_and_runs_from_any_directory(tmp_path):
+    src = tmp_path / "src"  # a copy: building in the repo would leave build/ behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "trb", src / "trb", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    dist = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(dist), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = dist.glob("trb-*.whl")
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # the test env's packages as a plain path entry: its .pth files (the editable trb) are not run
+    Path(site, "test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("TRB_CONF_DIR", None)
+    where = subprocess.run([str(py), "-c", "import trb.cli; print(trb.cli.CONF_DIR)"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip().startswith(site), where.stdout + where.stderr  # the wheel's trb, not the repo's
+    trb_exe = str(venv / "bin" / "trb")
+    r = subprocess.run([trb_exe, "train", "--cfg", "job"], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "path: toy:student" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([trb_exe, "train", "--help"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "trb train" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([trb_exe, "train", "steps=1", "prompts_per_step=2", "rollout.n=1", "rollout.max_new_tokens=6",
+                        "eval_every=0", "dataset.eval_size=4", "logger.kind=none", "output_dir=run"], cwd=work,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "run" / "summary.json").exists() and (work / "run" / ".hydra").is_dir()
+    assert sorted(p.name for p in work.iterdir()) == ["run"]  # nothing else written where it ran
