@@ -79,8 +79,13 @@ CASES = [
     ("\\boxed{5}. Wait, that is wrong: \\boxed{6}", "6", True),
     ("\\boxed{5}. Wait, that is wrong: \\boxed{6}", "5", False),
     # gold answers as given: $...$ kept, thousands separators, a decimal comma, LaTeX content
-    ("\\boxed{1.22}", "1,22", True),
-    ("\\boxed{\\{1, 22\\}}", "1,22", False),
+    ("\\boxed{1.22}", "1,22", True),  # one comma between digit groups that is no thousands group: a
+    ("\\boxed{\\{1, 22\\}}", "1,22", True),  # decimal comma or a pair; either reading counts
+    ("\\boxed{-2, 1}", "-2,1", True),
+    ("\\boxed{-2.1}", "-2,1", True),
+    ("\\boxed{-2.2}", "-2,1", False),
+    ("\\boxed{1,234}", "1,234", True),  # a thousands group is a thousands group
+    ("\\boxed{\\{1, 234\\}}", "1,234", False),
     ("\\boxed{1234567}", "1,234,567", True),
     ("\\boxed{\\frac12}", "$\\frac{1}{2}$", True),
     ("\\boxed{2}", "2\\sqrt{2}", False),

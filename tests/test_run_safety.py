@@ -5,7 +5,6 @@ it was (no stray dir either)."""
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -183,21 +182,59 @@ def test_resume_path_with_later_checkpoints_is_refused(pair, tmp_path):
 
 
 def test_a_second_process_on_a_run_dir_stops_at_once(pair, tmp_path):
-    """A live lock (this test process's pid) stops a second run in seconds; a stale one (a pid that
-    no longer exists) is taken over with a note."""
+    """A held lock (this test process holds the flock) stops a second run in seconds; a lock file left
+    by a process that is gone (SIGKILL, SIGTERM, another host) is taken over with a note."""
+    import fcntl
+
     out = tmp_path / "out"
     out.mkdir()
     lock = out / ".trb.lock"
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}))
+    lock.write_text(json.dumps({"pid": 424242, "host": "elsewhere", "started": "earlier"}))
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     t0 = time.time()
-    err = refused(_args(pair, out), tmp_path, f"is in use by trb pid {os.getpid()}", "delete")
-    assert time.time() - t0 < 60 and "output_dir" in err
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}))
+    try:
+        err = refused(_args(pair, out), tmp_path, "is in use by trb pid 424242 on elsewhere", "output_dir")
+    finally:
+        os.close(held)  # released, as a dying process's lock is
+    assert time.time() - t0 < 60 and "since earlier" in err
     res = cli(["train", *_args(pair, out)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "removed a stale lock" in res.stdout and not lock.exists()
+    assert "took over the lock of trb pid 424242 on elsewhere" in res.stdout and not lock.exists()
+
+
+def test_resume_path_into_a_new_dir_can_be_retried(pair, tmp_path, monkeypatch):
+    """A continuation of a checkpoint in a new dir that stops before its first checkpoint is retried
+    by the same command (and by resume=auto), from that checkpoint, its partial records dropped."""
+    import trb.train as train_mod
+    from trb.train import train
+
+    train(config(pair, steps=2), tmp_path / "a", log=quiet)
+    ckpt = str(tmp_path / "a" / "checkpoints" / "step_000001")
+    real = train_mod.opd_step
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "opd_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(pair, steps=2, resume=ckpt), tmp_path / "b", log=quiet)
+    assert (tmp_path / "b" / "train_config.json").exists() and not (tmp_path / "b" / ".trb.lock").exists()
+    monkeypatch.setattr(train_mod, "opd_step", real)
+    out = train(config(pair, steps=2), tmp_path / "b", log=quiet)  # resume=auto
+    assert out["resumed_from"] == ckpt
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(steps) and min(steps) == 1
+
+
+def test_a_damaged_train_config_is_named(pair, tmp_path):
+    from trb.train import train
+
+    run = tmp_path / "run"
+    train(config(pair, steps=1), run, log=quiet)
+    (run / "train_config.json").write_text("")
+    with pytest.raises(UserError, match="train_config.json cannot be read"):
+        train(config(pair, steps=1), run, log=quiet)
 
 
 def test_two_concurrent_runs_one_refused(pair, tmp_path):

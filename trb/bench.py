@@ -841,18 +841,18 @@ def bench_grading(items: int = 400, workers: int = 1, reasoning_chars: int = 150
     mixed = []
     for i in range(items):
         answer, gold = _MIXED[i % len(_MIXED)]
-        mixed.append((f"{reasoning}So the answer is {answer}.", gold if i % 2 == 0 else "7"))
+        mixed.append((f"{reasoning}So the answer is {answer}.", gold if (i // len(_MIXED)) % 2 == 0 else "7"))
     rows = []
     with Grader(workers=workers) as grader:
         grader.grade(["\\boxed{1}"] * workers, ["1"] * workers)  # workers started before timing
         for name, data in (("toy", toy_items), ("mixed", mixed)):
-            t0 = time.monotonic()
+            t0, timeouts0 = time.monotonic(), grader.stats.timeouts
             out = grader.grade([c for c, _ in data], [g for _, g in data])
             dt = time.monotonic() - t0
             rows.append({"set": name, "items": len(data), "seconds": dt, "items_per_s": len(data) / dt,
-                         "correct": sum(out), "timeouts": grader.stats.timeouts})
+                         "correct": sum(out), "timeouts": grader.stats.timeouts - timeouts0})
             log(f"{name:<6} {len(data)} items  {len(data) / dt:7.1f} items/s  correct {sum(out)}  "
-                f"timeouts {grader.stats.timeouts}")
+                f"timeouts {grader.stats.timeouts - timeouts0}")
         runtime = {"antlr": grader.stats.antlr, "math_verify": grader.stats.math_verify}
     return {"kind": "grading", "workers": workers, "reasoning_chars": reasoning_chars, "machine": machine(),
             "runtime": runtime, "rows": rows}

@@ -22,7 +22,7 @@ from pathlib import Path
 import typer
 
 from trb import __version__
-from trb.errors import RunStopped, UserError
+from trb.errors import RunStopped, UserError, has_started
 
 # One thread is several times faster than torch's default on small models on 2-vCPU machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -96,8 +96,8 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
                 raise
             failures.append(str(err))
             typer.echo(f"error: {err}", err=True)
-            if not multirun and not isinstance(err, RunStopped):  # a refusal: the run dir as it was
-                (before or _DirState(run_dir, existed=False)).restore()
+            if not multirun and not isinstance(err, RunStopped) and not has_started() and _rank() == 0:
+                (before or _DirState(run_dir, existed=False)).restore()  # a refusal: the run dir as it was
 
     launched = _launched()
     if launched:  # under torchrun: one run dir for all ranks, written by rank 0
@@ -120,6 +120,10 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
             distributed.finish(barrier=ok)
     if failures:
         raise typer.Exit(code=2)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 class _DirState:
@@ -152,7 +156,7 @@ class _DirState:
             return
         for p in [*self.path.glob(".hydra/*"), *self.path.glob("*.log")]:
             if p.is_file() and p not in self.files:
-                p.unlink()
+                p.unlink(missing_ok=True)
         for p, data in self.files.items():
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
@@ -416,9 +420,12 @@ def _run_user_task(fn) -> None:
     except FloatingPointError as err:
         raise RunStopped(str(err)) from None
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):  # the disk, not trb
+        if err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):  # the disk, not trb
             raise RunStopped(f"could not write {err.filename or 'a file'}: {err.strerror}; free space or use "
                              f"another output_dir (the checkpoints written so far are intact)") from None
+        if err.errno == errno.EACCES:
+            raise UserError(f"permission denied: {err.filename or err}; fix the permissions or use another "
+                            f"path") from None
         if isinstance(err, FileNotFoundError):
             raise UserError(str(err)) from None
         raise

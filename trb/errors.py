@@ -11,3 +11,16 @@ class UserError(ValueError):
 class RunStopped(UserError):
     """A run that started and then stopped (non-finite values, a full disk): not a refusal, so the
     run dir keeps what the run wrote."""
+
+
+_STARTED = [False]
+
+
+def started() -> None:
+    """Mark that this process's run has begun writing its outputs: a failure from now on is not a
+    refusal (the CLI then leaves the run dir as the run left it)."""
+    _STARTED[0] = True
+
+
+def has_started() -> bool:
+    return _STARTED[0]

@@ -27,7 +27,8 @@ STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports math-verify (sympy) before i
 # nothing). The grading workers are separate interpreters, so they put this runtime first on
 # their path; `python -m trb.grading --install` (run by `make install`) puts it there.
 GRADING_ANTLR = "4.13.2"
-_NUMBER_GOLD = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:[.,]\d+)?\s*%?|[-+]?\.\d+")
+_NUMBER_GOLD = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s*%?|[-+]?\.\d+")  # 1,234  -5  28%  .5
+_COMMA_PAIR = re.compile(r"[-+]?\d+,\d+")  # 1,22 or -2,1: a decimal comma or a list of two; either reading counts
 _DELIMITED = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
 
 
@@ -58,24 +59,30 @@ def _has_math(parsed: list) -> bool:
     return any(not isinstance(x, str) for x in parsed)
 
 
-def parse_gold(gold: str, timeout_s: int) -> list:
-    """The gold answer as given: delimited LaTeX ($...$, \\(...\\), \\[...\\], \\boxed{}) and plain
-    numbers (thousands separators, a decimal comma, a percent sign) are read as they are; anything
-    else is LaTeX content without delimiters (a MATH box's content, `2\\sqrt{2}`) and is read inside
-    $...$. When that reading yields no math object the other one is tried; when neither does, the
-    first reading's matched string stands (math-verify then compares strings)."""
+def parse_gold(gold: str, timeout_s: int) -> list[list]:
+    """The gold answer as given, as a list of accepted readings. Delimited LaTeX ($...$, \\(...\\),
+    \\[...\\], \\boxed{}) and plain numbers (thousands separators, a percent sign) are read as they
+    are; anything else is LaTeX content without delimiters (a MATH box's content, `2\\sqrt{2}`) and
+    is read inside $...$. When that reading yields no math object the other one is tried; when
+    neither does, the first reading's matched string stands (math-verify then compares strings). Two
+    digit groups around one comma that are not a thousands group (`1,22`, `-2,1`) are ambiguous: both
+    the decimal and the two-element reading are accepted."""
     from math_verify import parse
 
     text = gold.strip()
+
+    def read(t: str) -> list:
+        return parse(t, extraction_config=_configs(), parsing_timeout=timeout_s)
+
+    if _COMMA_PAIR.fullmatch(text) and not _NUMBER_GOLD.fullmatch(text):
+        return [r for r in (read(text), read(f"${text}$")) if _has_math(r)]
     as_given = any(d in text for d in _DELIMITED) or _NUMBER_GOLD.fullmatch(text) is not None
-    readings = [parse(r, extraction_config=_configs(), parsing_timeout=timeout_s)
-                for r in ([text, f"${text}$"] if as_given else [f"${text}$", text])[:1]]
-    if not _has_math(readings[0]):
-        other = f"${text}$" if as_given else text
-        second = parse(other, extraction_config=_configs(), parsing_timeout=timeout_s)
+    first = read(text if as_given else f"${text}$")
+    if not _has_math(first):
+        second = read(f"${text}$" if as_given else text)
         if _has_math(second):
-            return second
-    return readings[0]
+            return [second]
+    return [first] if first else []
 
 
 def _last_box(text: str) -> str | None:
@@ -111,11 +118,22 @@ def _verify(completion: str, gold: str, timeout_s: int) -> tuple[bool, str | Non
     readings = [r for r in readings if r]
     if not readings:
         return False, None, None
-    gold_parsed = parse_gold(gold, timeout_s) if gold.strip() else []
-    for reading in readings if gold_parsed else []:
-        if verify(gold_parsed, reading, timeout_seconds=timeout_s):
+    golds = _gold_readings(gold, timeout_s) if gold.strip() else []
+    for reading in readings:
+        if any(verify(g, reading, timeout_seconds=timeout_s) for g in golds):
             return (True, *_answer(reading))
     return (False, *_answer(readings[0]))
+
+
+_GOLD_CACHE: dict[str, list] = {}  # per worker: the n samples of a problem share one gold parse
+
+
+def _gold_readings(gold: str, timeout_s: int) -> list:
+    if gold not in _GOLD_CACHE:
+        if len(_GOLD_CACHE) > 4096:
+            _GOLD_CACHE.clear()
+        _GOLD_CACHE[gold] = parse_gold(gold, timeout_s)
+    return _GOLD_CACHE[gold]
 
 
 def _worker_main(timeout_s: int) -> None:
@@ -163,9 +181,10 @@ _WARNED = False
 class Grader:
     """A small pool of grading processes. Use as a context manager or call close()."""
 
-    def __init__(self, workers: int = 1, item_timeout_s: float = 10.0, verify_timeout_s: int = 3):
+    def __init__(self, workers: int = 1, item_timeout_s: float | None = None, verify_timeout_s: int = 3):
         self.workers = max(1, int(workers))
-        self.item_timeout_s = float(item_timeout_s)
+        # an item may parse up to four readings and verify up to three pairs, each under verify_timeout_s
+        self.item_timeout_s = float(item_timeout_s) if item_timeout_s is not None else 7.0 * verify_timeout_s + 2
         self.verify_timeout_s = int(verify_timeout_s)  # math-verify needs an int
         self.stats = GradeStats()
         self._pool: list[subprocess.Popen] = []

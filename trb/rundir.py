@@ -21,6 +21,7 @@ that never reached a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from trb.checkpoint import _comparable, list_checkpoints
-from trb.errors import UserError
+from trb.errors import UserError, started
 
 LOCK = ".trb.lock"
 RUN_FILES = ("train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "wandb", "wandb_run_id")
@@ -38,42 +39,47 @@ class RunDirError(UserError):
     """The run dir cannot be used by this run; the message says why and what to change."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _take_lock(run_dir: Path) -> tuple[Path, str | None]:
-    """Create the lock file exclusively; returns (lock path, a note when a stale lock was replaced)."""
+def _take_lock(run_dir: Path) -> tuple[Path, int, str | None]:
+    """An exclusive flock on run_dir/.trb.lock (the kernel drops it when the process dies, however it
+    dies: SIGKILL, SIGTERM, preemption, another host's restart); the pid / host / start time in the
+    file are only for the message. Returns (path, open fd, a note when a previous holder's record
+    was taken over)."""
     path = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    note = None
-    for _ in range(2):
+    for _ in range(5):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text())
-            except (OSError, ValueError):
-                held = {}
-            pid, host = held.get("pid"), held.get("host")
-            if isinstance(pid, int) and host == me["host"] and not _alive(pid):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                note = f"removed a stale lock of pid {pid} (no such process) from {path}"
-                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = _read_lock(fd)
+            os.close(fd)
             raise RunDirError(
-                f"output_dir {run_dir} is in use by trb pid {pid} on {host} since {held.get('started')}: a second "
-                f"process would mix both runs; wait for it, use another output_dir, or delete {path} if that "
-                f"process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path, note
-    raise RunDirError(f"could not take the lock {path}; delete it if no trb process uses {run_dir}")
+                f"output_dir {run_dir} is in use by trb pid {held.get('pid')} on {held.get('host')} since "
+                f"{held.get('started')}: a second process would mix both runs; wait for it or use another "
+                f"output_dir (the lock is released when that process ends; delete {path} only if the file "
+                f"system does not support locks)") from None
+        try:  # the file may have been removed and re-created by its previous holder meanwhile
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        old = _read_lock(fd)
+        note = (f"took over the lock of trb pid {old.get('pid')} on {old.get('host')} (that process is gone)"
+                if old.get("pid") else None)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return path, fd, note
+    raise RunDirError(f"could not take the lock {path}: other processes keep re-creating it")
+
+
+def _read_lock(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _run_files(run_dir: Path) -> list[str]:
@@ -100,6 +106,7 @@ class Claim:
     aside: list[str]  # run files to move aside on commit (overwrite=true)
     reset_metrics: bool  # the same run, restarted before its first checkpoint
     notes: list[str]
+    fd: int | None = None  # the open, flocked lock file
 
     def commit(self) -> Path | None:
         """Just before the first write: move the old run aside (overwrite), drop the metrics of a run
@@ -111,14 +118,24 @@ class Claim:
             for name in self.aside:
                 os.replace(self.run_dir / name, moved / name)
             self.aside = []
-        if self.reset_metrics and (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()
+        if self.reset_metrics:  # its records are redone, in a new W&B run
+            for name in ("metrics.jsonl", "wandb_run_id"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        started()
         return moved
 
+    def write_config(self, config: dict) -> None:
+        """train_config.json, atomically (a temporary file renamed): the run dir's owner record."""
+        tmp = self.run_dir / "train_config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=1))
+        os.replace(tmp, self.run_dir / "train_config.json")
+
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.unlink(missing_ok=True)
-            self.lock = None
+        if self.fd is not None:
+            if self.lock is not None:
+                self.lock.unlink(missing_ok=True)  # while still holding it (see _take_lock's inode check)
+            os.close(self.fd)
+            self.fd, self.lock = None, None
 
     def abort(self) -> None:
         """A refusal: the dir as it was (lock removed, a dir created for this run removed if empty)."""
@@ -131,7 +148,22 @@ class Claim:
 
 
 def _step_of(ckpt: Path) -> int:
-    return int(ckpt.name.removeprefix("step_"))
+    try:
+        return int(ckpt.name.removeprefix("step_"))
+    except ValueError:
+        raise RunDirError(f"resume={ckpt} is not a checkpoint folder named step_NNNNNN (a trb run's "
+                          f"checkpoints/step_NNNNNN)") from None
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} cannot be read ({err}): the run dir's owner record is damaged; use another "
+                          f"output_dir, or overwrite=true to move the old run aside") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} is not a trb train_config.json; use another output_dir or overwrite=true")
+    return data
 
 
 def claim(cfg, run_dir: Path) -> Claim:
@@ -146,12 +178,14 @@ def claim(cfg, run_dir: Path) -> Claim:
     except OSError as err:
         raise RunDirError(f"cannot create output_dir {run_dir}: {err.strerror}; use another output_dir") from None
     try:
-        lock, note = _take_lock(run_dir)
-    except OSError as err:
+        lock, fd, note = _take_lock(run_dir)
+    except (OSError, RunDirError) as err:
         if created:
             run_dir.rmdir()
+        if isinstance(err, RunDirError):
+            raise
         raise RunDirError(f"cannot write into output_dir {run_dir}: {err.strerror}; use another output_dir") from None
-    c = Claim(run_dir, None, lock, created, [], False, [note] if note else [])
+    c = Claim(run_dir, None, lock, created, [], False, [note] if note else [], fd)
     try:
         _decide(cfg, c)
     except BaseException:
@@ -181,13 +215,13 @@ def _decide(cfg, c: Claim) -> None:
         if path is not None:
             source = path.parent.parent / "train_config.json"
             if source.exists():
-                diff = _config_diff(json.loads(source.read_text()), now, _step_of(path))
+                diff = _config_diff(_read_config(source), now, _step_of(path))
                 if diff:
                     raise RunDirError(f"resume={path} belongs to a different run (its run dir's train_config.json "
                                       f"differs in: {', '.join(diff)}); resume it with its own settings")
             c.resume_from = path
         return
-    saved = json.loads((run_dir / "train_config.json").read_text())
+    saved = _read_config(run_dir / "train_config.json")
     last = _step_of(ckpts[-1]) if ckpts else 0
     diff = _config_diff(saved, now, last)
     if diff:
@@ -197,6 +231,10 @@ def _decide(cfg, c: Claim) -> None:
         raise RunDirError(f"output_dir {run_dir} already holds this run ({len(ckpts)} checkpoint(s), last step "
                           f"{last}); resume=never would start over on top of it: resume=auto continues it, or "
                           f"{aside_hint}, or use another output_dir")
+    if path is not None and not ckpts and saved.get("resume") == cfg.resume:
+        c.resume_from = path  # the same continuation of PATH, stopped before its first checkpoint: again
+        c.reset_metrics = True
+        return
     if path is not None:
         if path.resolve().parent != (run_dir / "checkpoints").resolve():
             raise RunDirError(f"resume={path} is a checkpoint of another run dir, but output_dir {run_dir} holds a "
@@ -211,5 +249,10 @@ def _decide(cfg, c: Claim) -> None:
         return
     c.resume_from = ckpts[-1] if ckpts else None
     c.reset_metrics = not ckpts  # the same run, killed before its first checkpoint: its records are redone
+    if not ckpts and saved.get("resume") not in (None, "auto", "never"):  # a continuation of another checkpoint
+        c.resume_from = Path(saved["resume"]).expanduser()
+        if not (c.resume_from / "trainer_state.pt").exists():
+            raise RunDirError(f"output_dir {run_dir} continues {c.resume_from}, which is gone; give resume=PATH, or "
+                              f"{aside_hint}")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trb.errors import UserError
+from trb.errors import UserError, started
 
 import json
 import math
@@ -35,6 +35,7 @@ class Tracker:
     """log(metrics, step) to metrics.jsonl and W&B; finish() closes both."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str | None = None):
+        started()  # the run writes from here on: a failure is no longer a refusal
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")

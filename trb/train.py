@@ -36,12 +36,13 @@ from torch.distributed.tensor import DTensor
 
 from trb import distributed, rundir
 from trb.blend import RowNoise, compile_search
-from trb.checkpoint import (list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
+from trb.checkpoint import (CheckpointWriteError, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
 from trb.config import TrainConfig
 from trb.data import fit_prompts, load_rows, render
 from trb.diagnostics import effective_temperature, rollout_metrics
 from trb.distributed import World
+from trb.errors import RunStopped
 from trb.rundir import Claim
 from trb.evaluate import aggregate, decode_completions, encode_prompts, evaluate
 from trb.grading import Grader
@@ -462,12 +463,15 @@ def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
     if world.main:
         try:
             claim = rundir.claim(cfg, run_dir)
-        except rundir.RunDirError as err:
-            refusal = str(err)
-    decision = (refusal, str(claim.resume_from) if claim and claim.resume_from else None)
-    refusal, resume = distributed.gather(decision)[0]
-    if refusal:
-        raise rundir.RunDirError(refusal)
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+            refusal = err if world.distributed else None
+            if not world.distributed:
+                raise
+    decision = (str(refusal) if refusal else None, type(refusal).__name__ if refusal else None,
+                str(claim.resume_from) if claim and claim.resume_from else None)
+    message, kind, resume = distributed.gather(decision)[0]
+    if message:
+        raise rundir.RunDirError(message) if kind == "RunDirError" else RuntimeError(f"rank 0: {kind}: {message}")
     return claim or rundir.Claim(run_dir, Path(resume) if resume else None, None, False, [], False, [])
 
 
@@ -592,13 +596,12 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         moved = claim.commit()
         if moved is not None:
             log(f"overwrite=true: the previous run's files moved to {moved}")
+        claim.write_config(dataclasses.asdict(cfg))  # the run dir's owner record, before anything else of the run
         if resume_from is not None:
             evals = truncate_metrics(run_dir, start, final=start >= cfg.steps)
     if resume_from is not None:
         log(f"resuming from {resume_from} (step {start})")
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name) if world.main else None
-    if world.main:
-        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     method = Method(cfg.method, cfg.blend, cfg.rollout.temperature, cfg.rollout.draft_k)
     run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, Grader(workers=1), gen, device, method,
                Estimator.from_config(cfg.loss))
@@ -630,11 +633,19 @@ def _checkpoint(s: _Session, step: int) -> Path | None:
         model = run.objective.student
     elif run.policy.dtype != _master_dtype(run):
         weights = distributed.full_model_state(run.objective, prefix="student.")  # collective
-    path = None
+    path, failed = None, None
     if run.world.main:
-        path = save_checkpoint(s.run_dir, step, model, run.tok, opt_state,
-                               {"eps": run.method.eps(step), "gen": run.gen.get_state(),
-                                "skipped_long": s.skipped_long}, run.cfg.keep_last, state_dict=weights)
+        try:
+            path = save_checkpoint(s.run_dir, step, model, run.tok, opt_state,
+                                   {"eps": run.method.eps(step), "gen": run.gen.get_state(),
+                                    "skipped_long": s.skipped_long}, run.cfg.keep_last, state_dict=weights)
+        except CheckpointWriteError as err:
+            if not run.world.distributed:
+                raise
+            failed = str(err)
+    failed = distributed.gather(failed)[0] if run.world.distributed else None  # every rank stops, none waits
+    if failed:
+        raise RunStopped(failed)
     distributed.barrier()
     return path
 
