@@ -200,3 +200,19 @@ def test_help_and_cfg_never_import_torch(args, tmp_path):
             "except SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "TORCH False False", r.stdout[-1000:] + r.stderr[-1000:]
+
+
+def test_lines_without_a_terminal_and_the_run_log(pair, tmp_path):
+    """No TTY (Slurm, nohup, CI): one line every log_every steps with loss, eps, beta, reward,
+    tokens/s, ETA; the run dir's train.log holds the same lines as the console."""
+    s, t = pair
+    out = tmp_path / "r"
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "steps=4", "log_every=2", "prompts_per_step=2",
+              "rollout.n=1", "rollout.max_new_tokens=6", "eval_every=0", "dataset.eval_size=2", "logger.kind=none",
+              f"output_dir={out}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("step ") and "/4" in x]
+    assert [x.split()[1] for x in lines] == ["2/4", "4/4"]
+    for key in ("loss ", "eps ", "beta ", "reward ", "train tok/s", "ETA "):
+        assert all(key in x for x in lines), lines
+    assert (out / "train.log").read_text().splitlines() == r.stdout.splitlines()

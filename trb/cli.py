@@ -231,9 +231,28 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
             typed.logger.group = Path(cfg_sweep_dir()).name
         module, fn = entry.split(":")
         run = getattr(importlib.import_module(module), fn)  # torch and transformers load only now
-        _run_user_task(lambda: run(typed, run_dir, log=typer.echo))
+        _run_user_task(lambda: run(typed, run_dir, log=_Echo(run_dir / f"{name}.log")))
 
     run_hydra(name, _run_dir_args(list(ctx.args)), task)
+
+
+class _Echo:
+    """The console lines of a run, also appended to <run dir>/<command>.log (Slurm logs, nohup and a
+    later look at the run dir show the same lines)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        typer.echo(msg)
+        self.file(msg)
+
+    def file(self, msg: str) -> None:
+        try:
+            with self.path.open("a") as f:
+                f.write(msg + "\n")
+        except OSError:  # a log line is never worth a failed run
+            pass
 
 
 def _run_dir_args(args: list[str]) -> list[str]:

@@ -663,6 +663,8 @@ def loop(s: _Session, log) -> None:
 
     bar = tqdm(range(s.start, cfg.steps), desc="train", dynamic_ncols=True,
                disable=None if run.world.main else True, initial=s.start, total=cfg.steps)
+    if not bar.disable:  # a terminal: other lines print above the bar instead of through it
+        log = _above(bar, log)
     for step in bar:
         epoch, rows = next(batches)  # every method sees the same prompts at the same step
         if s.sft_pool and run.method.sft(step):  # SFT phase; update k uses the samples of step k mod pool
@@ -682,12 +684,42 @@ def loop(s: _Session, log) -> None:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{metrics['eps']:.4f}",
                             reward=f"{metrics.get('rollout/reward', float('nan')):.2f}",
                             acc=f"{s.evals[-1]['eval/accuracy']:.2f}" if s.evals else "-")
+            if bar.disable and cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                log(step_line(step, cfg.steps, metrics, s.start, time.time() - s.t_start))  # no terminal: lines
         done = step + 1  # a skipped step still counts: the eval and checkpoint due at it run
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             _run_eval(s, done, log)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             _checkpoint(s, done)
     bar.close()
+
+
+def _above(bar, log):
+    def write(msg: str) -> None:
+        bar.write(msg)
+        if getattr(log, "file", None) is not None:  # the run dir's log still gets the line
+            log.file(msg)
+    return write
+
+
+def step_line(step: int, steps: int, m: dict, start: int, elapsed: float) -> str:
+    """One console line per log_every steps where no progress bar is drawn (Slurm logs, nohup, CI)."""
+    done = step + 1 - start
+    eta = elapsed / max(done, 1) * (steps - step - 1)
+    parts = [f"step {step + 1}/{steps}", f"loss {m['loss']:.4f}", f"eps {m.get('eps', 0.0):.4g}"]
+    if "beta/mean" in m:
+        parts.append(f"beta {m['beta/mean']:.3f}")
+    if "rollout/reward" in m:
+        parts.append(f"reward {m['rollout/reward']:.3f}")
+    if "throughput/train_tok_s" in m:
+        parts.append(f"{m['throughput/train_tok_s']:.0f} train tok/s")
+    parts.append(f"{elapsed / max(done, 1):.2f} s/step, ETA {_clock(eta)}")
+    return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def finish(s: _Session, log) -> dict:
