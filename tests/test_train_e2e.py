@@ -104,10 +104,14 @@ def test_multirun_leaves_one_dir_per_job_grouped_in_wandb(pair, tmp_path):
     sweep = tmp_path / "sweep"
     r = _cli(["train", "-m", f"student.path={s}", f"teacher.path={t}", "seed=0,1", "steps=2",
               "prompts_per_step=2", "rollout.n=1", "rollout.max_new_tokens=6", "dataset.eval_size=2",
-              "dataset.train_size=10", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
-             cwd=tmp_path, wandb_mode="offline")
+              "dataset.train_size=10", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
-    for job in ("0", "1"):
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [f"{i}_dataset.eval_size-2+dataset.train_size-10+prompts_per_step-2+rollout.max_new_tokens-6+"
+                    f"rollout.n-1+seed-{i}+steps-2" for i in (0, 1)]  # no '=' or ',': pastes into checkpoint=
+    r = _cli(["eval", f"checkpoint={sweep / jobs[0]}", "--cfg", "job"], cwd=tmp_path)
+    assert r.returncode == 0 and f"checkpoint: {sweep / jobs[0]}" in r.stdout, r.stderr[-2000:]
+    for job in jobs:
         assert len([x for x in read_metrics(sweep / job) if "loss" in x]) == 2
         # W&B ran offline into the job's dir, grouped by the sweep
         assert list((sweep / job / "wandb").glob("offline-run-*"))

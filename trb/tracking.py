@@ -6,6 +6,7 @@ from trb.errors import UserError, started
 
 import json
 import math
+import re
 import os
 import secrets
 import string
@@ -86,7 +87,7 @@ class Tracker:
             return
         import wandb
 
-        art = wandb.Artifact(name, type=kind)
+        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:128], type=kind)  # W&B's allowed characters
         art.add_reference(Path(path).resolve().as_uri())  # by reference: checkpoints can be large
         self.run.log_artifact(art)
 
