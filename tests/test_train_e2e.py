@@ -220,3 +220,32 @@ def test_lines_without_a_terminal_and_the_run_log(pair, tmp_path):
     for key in ("loss ", "eps ", "beta ", "reward ", "train tok/s", "ETA "):
         assert all(key in x for x in lines), lines
     assert (out / "train.log").read_text().splitlines() == r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("command, schema, own, foreign", [
+    ("train", "TrainConfig", ["method", "blend", "loss", "eval_decoding", "experiment"], []),
+    ("eval", "EvalConfig", ["dataset", "prompt", "decoding"], ["method", "blend", "loss", "student"]),
+    ("rollout", "RolloutRunConfig", ["method", "blend", "dataset"], ["loss", "decoding", "experiment"]),
+])
+def test_help_lists_the_commands_groups_and_every_setting_with_its_doc(command, schema, own, foreign, tmp_path):
+    import trb.config as config
+    from trb.helptext import schema_docs
+
+    r = _cli([command, "--help"], cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    groups = r.stdout.split("Config groups")[1].split("Settings")[0]
+    listed = {line.split()[0] for line in groups.splitlines()[1:] if line.strip()}
+    assert set(own) <= listed and not (set(foreign) & listed), listed
+    settings = r.stdout.split("Settings")[1]
+    docs = schema_docs(getattr(config, schema))
+    for key, (doc, is_section) in docs.items():
+        if is_section:
+            continue
+        if key.startswith("eval_dataset."):  # an unset optional section is one line
+            continue
+        line = next((x for x in settings.splitlines() if x.strip().startswith(f"{key}=")), None)
+        assert line is not None, key
+        assert doc, f"{schema}.{key} has no doc comment in trb/config.py"
+    assert not (tmp_path / "outputs").exists()  # help writes nothing
+    r = _cli([command, "rollout.n=7" if command != "eval" else "decoding.n=7", "--help"], cwd=tmp_path)
+    assert ("rollout.n=7" if command != "eval" else "decoding.n=7") in r.stdout  # values as composed

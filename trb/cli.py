@@ -223,6 +223,8 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
                    f"data-parallel)", err=True)
         raise typer.Exit(code=2)
 
+    _maybe_help(name, name, schema, list(ctx.args))
+
     def task(cfg, run_dir: Path) -> None:
         typed = to_schema(cfg, schema)
         if typed.output_dir:
@@ -255,6 +257,25 @@ class _Echo:
             pass
 
 
+def _maybe_help(command: str, conf_name: str, schema, args: list[str]) -> None:
+    """--help / -h: this command's groups and every setting with its value and doc (trb.helptext);
+    Hydra's own flags stay under --hydra-help."""
+    if not any(a in ("--help", "-h") for a in args):
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trb.helptext import render_help
+
+    try:
+        typer.echo(render_help(command, conf_name, schema, CONF_DIR, [a for a in args if a not in ("--help", "-h")]),
+                   nl=False)
+    except (HydraException, OmegaConfBaseException) as err:
+        typer.echo(f"error: {str(err).splitlines()[0]}", err=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=0)
+
+
 def _run_dir_args(args: list[str]) -> list[str]:
     """output_dir=X (one run) is Hydra's run dir too: .hydra/ and the log live with the run, and no
     stray outputs/<command>/<time>/ is made."""
@@ -270,6 +291,8 @@ def plan_cmd(ctx: typer.Context) -> None:
     """Predict the peak memory per device of each phase of a training step (the same overrides as
     trb train; no weights loaded): a table and plan.json; exit 0 if it fits, 1 if not."""
     from trb.config import TrainConfig
+
+    _maybe_help("plan", "train", TrainConfig, list(ctx.args))
     from trb.plan import PlanError, run_plan
 
     codes: list[int] = []
