@@ -109,3 +109,32 @@ def test_opd_rollout_is_student_only(pair, tmp_path):
         assert r["behavior_logp"] == r["student_logp"] and set(r["beta"]) == {0.0}
         assert all(x == x for x in r["teacher_logp"])  # scored after decoding: no NaN
     assert summary["beta/mean"] == 0 and summary["eps"] == 0
+
+
+def test_wandb_gets_a_small_page_and_eval_tables_per_checkpoint(pair, tmp_path):
+    """trb rollout sends W&B the first logger.html_rows completions (the run dir's page has all);
+    trb eval logs one samples table per checkpoint."""
+    s, t = pair
+    out = tmp_path / "out"
+    r = cli(["rollout", f"student.path={s}", f"teacher.path={t}", "num_prompts=3", "rollout.n=2",
+             "rollout.max_new_tokens=6", "logger.html_rows=2", f"hydra.run.dir={out}"], cwd=tmp_path,
+            wandb_mode="offline")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pages = list((out / "wandb").glob("offline-run-*/files/media/html/*.html"))
+    assert len(pages) == 1 and "first 2 of 6 completions" in pages[0].read_text()
+    assert (out / "rollouts.html").read_text().count("class='c'") > pages[0].read_text().count("class='c'")
+    assert not (out / "rollouts_wandb.html").exists()
+    # trb eval: a run dir with two checkpoints -> two tables
+    from helpers import tiny_model
+
+    model, tok = tiny_model()
+    ck = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        model.save_pretrained(ck / f"step_{step:06d}")
+        tok.save_pretrained(ck / f"step_{step:06d}")
+    (tmp_path / "run" / "train_config.json").write_text("{}")
+    ev = tmp_path / "ev"
+    r = cli(["eval", f"checkpoint={tmp_path / 'run'}", "dataset.eval_size=3", "decoding.max_new_tokens=4",
+             f"output_dir={ev}"], cwd=tmp_path, wandb_mode="offline")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((ev / "wandb").glob("offline-run-*/files/media/table/eval/samples_*.table.json"))) == 2

@@ -249,3 +249,24 @@ def test_help_lists_the_commands_groups_and_every_setting_with_its_doc(command, 
     assert not (tmp_path / "outputs").exists()  # help writes nothing
     r = _cli([command, "rollout.n=7" if command != "eval" else "decoding.n=7", "--help"], cwd=tmp_path)
     assert ("rollout.n=7" if command != "eval" else "decoding.n=7") in r.stdout  # values as composed
+
+
+def test_wandb_gets_a_real_model_artifact_and_completion_tables(pair, tmp_path):
+    """Offline W&B (read from the run's files: wandb 0.31 has no offline reader): the final model is
+    uploaded as files (weights, config, tokenizer; no trainer state, no file:// reference), a table
+    of training completions every logger.table_every steps."""
+    s, t = pair
+    out = tmp_path / "r"
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "steps=2", "prompts_per_step=2", "rollout.n=1",
+              "rollout.max_new_tokens=6", "eval_every=0", "dataset.eval_size=2", "logger.table_every=1",
+              "logger.table_rows=2", f"output_dir={out}"], cwd=tmp_path, wandb_mode="offline")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = (out / "wandb").glob("offline-run-*")
+    tables = sorted((run / "files" / "media" / "table" / "train").glob("completions_*.table.json"))
+    assert len(tables) == 2  # steps 0 and 1
+    data = json.loads(tables[0].read_text())
+    assert data["columns"] == ["step", "prompt", "completion", "reward", "mean_beta"] and len(data["data"]) == 2
+    assert all(isinstance(row[2], str) and "What is" in row[1] for row in data["data"])
+    log = next(run.glob("run-*.wandb")).read_bytes()
+    assert b"model.safetensors" in log and b"tokenizer.json" in log and b"config.json" in log
+    assert b"trainer_state.pt" not in log and b"file://" not in log

@@ -236,10 +236,18 @@ class LoggerConfig:
     job_type: str = "train"  # W&B job type
     tags: list[str] = field(default_factory=list)  # W&B tags
     init_timeout: int = 30  # seconds W&B may take to reach its server before the run logs offline instead
+    artifact: str = "model"  # final checkpoint to W&B: model (no trainer state) | full | reference (file://) | none
+    table_every: int = 50  # trb train: W&B table of completions (prompt, text, reward, beta) every N steps (0 = off)
+    table_rows: int = 8  # rollouts per completions table (rank 0's first)
+    html_rows: int = 64  # trb rollout: completions in the rollouts.html sent to W&B (the run dir's file has all)
 
     def __post_init__(self) -> None:
         _check(self.kind in ("wandb", "none"), f"logger.kind must be wandb or none; got {self.kind!r}")
         _check(self.init_timeout >= 1, f"logger.init_timeout must be >= 1 second; got {self.init_timeout}")
+        _check(self.artifact in ("model", "full", "reference", "none"),
+               f"logger.artifact must be model, full, reference or none; got {self.artifact!r}")
+        _check(min(self.table_every, self.table_rows, self.html_rows) >= 0,
+               "logger.table_every, logger.table_rows and logger.html_rows must be >= 0")
         _check(self.mode in ("auto", "online", "offline"), f"logger.mode must be auto, online or offline; "
                                                             f"got {self.mode!r}")
 

@@ -78,6 +78,9 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                     f.write(json.dumps(s) + "\n")
             results.append({"checkpoint": ckpt, "step": step, "samples": name, "metrics": metrics})
             tracker.log(metrics, step if step is not None else idx)
+            cols = ["problem", "sample", "prompt", "completion", "extracted", "vote", "gold", "correct"]
+            tracker.table("eval/samples", cols, [[s[c] for c in cols] for s in samples[:1000]],
+                          step if step is not None else idx)  # one table per checkpoint
             ks = " ".join(f"pass@{k} {metrics[f'eval/pass@{k}']:.3f}±{metrics[f'eval/pass@{k}_stderr']:.3f} "
                           f"maj@{k} {metrics[f'eval/maj@{k}']:.3f}"
                           for k in cfg.decoding.ks)
@@ -85,12 +88,6 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                 f"{metrics['eval/truncated']:.3f}  timeouts {metrics['eval/grading_timeouts']}  "
                 f"{metrics['eval/tokens_per_s']:.0f} tok/s")
             del model
-        if tracker.run is not None and results:
-            import wandb
-
-            cols = ["problem", "sample", "prompt", "completion", "extracted", "vote", "gold", "correct"]
-            table = wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in samples[:1000]])
-            tracker.run.log({"eval/samples": table})
         grading = dataclasses.asdict(grader.stats)
     out = {"config": dataclasses.asdict(cfg), "dataset": cfg.dataset.name, "problems": len(rows),
            "results": results, "grading": grading,

@@ -199,10 +199,14 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
 
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
     tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, cfg.step)
-    if tracker.run is not None:
+    if tracker.run is not None:  # a sample of the rows: the page grows with rows x length (~70 MB at the paper's)
         import wandb
 
-        tracker.run.log({"rollouts": wandb.Html((out_dir / "rollouts.html").read_text(encoding="utf-8"))})
+        small = out_dir / "rollouts_wandb.html"
+        write_html(small, records[: cfg.logger.html_rows], summary,
+                   f"{title} (first {min(cfg.logger.html_rows, len(records))} of {len(records)} completions)")
+        tracker.run.log({"rollouts": wandb.Html(small.read_text(encoding="utf-8"))})
+        small.unlink()
     tracker.finish()
     print_summary(summary, log)
     log(f"wrote {out_dir / 'rollouts.jsonl'}, {out_dir / 'rollouts.html'}, {out_dir / 'summary.json'}")

@@ -82,14 +82,30 @@ class Tracker:
         if self.run is not None:
             self.run.log(clean, step=step)
 
-    def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
-        if self.run is None:
+    def log_artifact(self, path: Path, name: str, kind: str = "model", what: str = "model") -> None:
+        """The checkpoint folder as a W&B artifact: model (its files but trainer_state.pt: weights,
+        config, tokenizer, so a teammate's `artifact.download()` gets a loadable folder), full (all
+        files), reference (a file:// pointer: nothing uploaded, usable only on this file system), none."""
+        if self.run is None or what == "none":
             return
         import wandb
 
         art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:128], type=kind)  # W&B's allowed characters
-        art.add_reference(Path(path).resolve().as_uri())  # by reference: checkpoints can be large
+        if what == "reference":
+            art.add_reference(Path(path).resolve().as_uri())
+        else:
+            for f in sorted(Path(path).iterdir()):
+                if f.is_file() and (what == "full" or f.name != "trainer_state.pt"):
+                    art.add_file(str(f), name=f.name)
         self.run.log_artifact(art)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A W&B table (no-op without W&B)."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self) -> None:
         self._file.close()

@@ -139,6 +139,7 @@ class StepResult:
     metrics: dict
     too_long: int = 0
     skipped: bool = False
+    samples: list | None = None  # a few of this rank's rollouts, for the W&B completions table
 
 
 @dataclasses.dataclass
@@ -174,6 +175,12 @@ class _Run:
     device: torch.device
     method: Method
     estimator: Estimator
+
+    def tracker_wants_table(self, step: int) -> bool:
+        """Rank 0 with W&B on logs a table of training completions every logger.table_every steps."""
+        lg = self.cfg.logger
+        return (self.world.main and lg.kind == "wandb" and lg.table_every > 0 and lg.table_rows > 0
+                and step % lg.table_every == 0)
 
     def local_batch(self, rows: list[dict], seed: int, n: int):
         """This rank's share of a global prompt batch, encoded, and the noise source for its rows
@@ -357,9 +364,16 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
                  max_rows=cfg.rollout.max_rows)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
-    rewards = (run.grader.grade(decode_completions(run.tok, ro.tokens, ro.response_mask), golds)
-               if all(g is not None for g in golds) else [])
+    texts = decode_completions(run.tok, ro.tokens, ro.response_mask)
+    rewards = run.grader.grade(texts, golds) if all(g is not None for g in golds) else []
     t_grade = time.time()
+    samples = None
+    if run.tracker_wants_table(step):
+        rows_shown = range(min(run.cfg.logger.table_rows, len(texts)))
+        mask = ro.response_mask.float()
+        beta = ((ro.beta.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        samples = [[step, run.tok.decode(ro.prompt_ids[b][ro.prompt_mask[b].bool()]), texts[b],
+                    float(rewards[b]) if rewards else None, beta[b]] for b in rows_shown]
 
     # 2. per micro-batch: teacher forward (fills the teacher's records when it did not decode), then
     # the student's loss to the method's target; one optimiser step
@@ -385,7 +399,7 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
         "time/step": t_end - t0,
         "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
         "throughput/train_tok_s": seq_tokens / max(t_end - t_grade, 1e-9),
-    }, too_long=too_long)
+    }, too_long=too_long, samples=samples)
 
 
 def reduce_metrics(result: StepResult) -> dict:
@@ -681,6 +695,9 @@ def loop(s: _Session, log) -> None:
                             "prompts/too_long": too_long})
             if run.world.main:
                 s.tracker.log(metrics, step)
+                if result.samples:
+                    s.tracker.table("train/completions", ["step", "prompt", "completion", "reward", "mean_beta"],
+                                    result.samples, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{metrics['eps']:.4f}",
                             reward=f"{metrics.get('rollout/reward', float('nan')):.2f}",
                             acc=f"{s.evals[-1]['eval/accuracy']:.2f}" if s.evals else "-")
@@ -757,7 +774,7 @@ def finish(s: _Session, log) -> dict:
         "grading": dataclasses.asdict(run.grader.stats),
     }
     if world.main:
-        s.tracker.log_artifact(ckpt, f"student-{s.run_dir.name}")
+        s.tracker.log_artifact(ckpt, f"student-{s.run_dir.name}", what=cfg.logger.artifact)
         (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         s.tracker.finish()
         log(f"done: accuracy {summary['accuracy_before']} -> {summary['accuracy_after']}; checkpoint {ckpt}")
