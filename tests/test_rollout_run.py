@@ -2,6 +2,9 @@
 sequences, the HTML has one coloured span per token, and the summary matches the records."""
 
 import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import pytest
@@ -138,3 +141,25 @@ def test_wandb_gets_a_small_page_and_eval_tables_per_checkpoint(pair, tmp_path):
              f"output_dir={ev}"], cwd=tmp_path, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((ev / "wandb").glob("offline-run-*/files/media/table/eval/samples_*.table.json"))) == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="no headless Chromium here (apt-get install -y chromium)")
+def test_the_page_works_in_a_real_browser(pair, tmp_path):
+    """Headless Chromium runs the page's script: #mode=tlogp repaints every token by log pi_T,
+    #show=correct hides the wrong samples and the prompt groups left empty; a screenshot renders."""
+    out, recs, _, _ = run(pair, tmp_path, "method=fixed", "blend.eps0=0.05")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    page = (out / "rollouts.html").as_uri()
+    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          f"{page}#mode=tlogp&show=correct"], capture_output=True, text=True, timeout=120).stdout
+    wrong = sum(not r["correct"] for r in recs)
+    assert dom.count('data-ok="0" style="display: none;"') == wrong
+    assert dom.count('data-ok="1" style=""') + dom.count('data-ok="1">') == len(recs) - wrong
+    spans = re.findall(r'class="t[^"]*" data-b="[^"]*" data-t="([^"]*)"[^>]*style="background: ([^;"]*)', dom)
+    assert len(spans) == sum(len(r["token_ids"]) for r in recs)
+    assert all(bg.startswith("rgba(200, 0, 0") for t, bg in spans if t != "nan")  # log pi_T's red scale
+    shot = tmp_path / "shot.png"
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1400,1000", page], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000

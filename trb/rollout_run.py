@@ -18,6 +18,7 @@ import dataclasses
 import html
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -87,35 +88,137 @@ def _colour(beta: float) -> str:
     return f"rgba(230,120,0,{0.08 + 0.8 * a:.3f})" if a > 0 else "transparent"
 
 
+_SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>")
+_CHAT_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S)
+
+
+def readable_prompt(prompt: str) -> str:
+    """The prompt as a reader wants it: chat turns as `role: text`, special tokens hidden."""
+    turns = [(role, text.strip()) for role, text in _CHAT_TURN.findall(prompt)]
+    if turns:
+        return "\n".join(f"{role}: {text}" if text else f"{role}:" for role, text in turns)
+    return _SPECIAL.sub("", prompt).strip()
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else "nan"
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em;max-width:72em}h1{font-size:1.3em;margin:.2em 0}"
+    ".bar{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd;z-index:1}"
+    ".bar label{margin-right:1em}.legend{display:inline-flex;align-items:center;gap:.4em;margin-left:1em}"
+    ".scale{width:14em;height:.9em;border:1px solid #aaa;display:inline-block}"
+    ".g{margin:1.2em 0}.q{background:#f4f4f4;border-radius:6px;padding:.5em;white-space:pre-wrap}"
+    ".c{border:1px solid #ccc;border-radius:6px;padding:.6em;margin:.6em 0 .6em 1.5em;white-space:pre-wrap;"
+    "font-family:ui-monospace,monospace;font-size:13px}.h{font-family:system-ui,sans-serif;margin-bottom:.3em}"
+    ".ok{color:#080;font-weight:600}.bad{color:#b00;font-weight:600}.t.r{outline:2px solid #1565c0}"
+    "table{border-collapse:collapse}td{padding:.1em .8em}details{margin:.5em 0}"
+)
+# colour scales per mode: (label, attribute, low, high, css gradient, JS colour of a value in [0, 1])
+_MODES = {
+    "beta": ("beta* (blend weight toward the teacher)", "b", 0.0, 1.0,
+             "linear-gradient(90deg,rgba(230,120,0,.08),rgba(230,120,0,.88))", "`rgba(230,120,0,${.08+.8*u})`"),
+    "tlogp": ("log pi_T of the token (low: the teacher would not write it)", "t", -10.0, 0.0,
+              "linear-gradient(90deg,rgba(200,0,0,.85),rgba(200,0,0,.02))", "`rgba(200,0,0,${.85-.83*u})`"),
+    "kl": ("KL(mu || pi_S) at the prefix", "k", 0.0, None,
+           "linear-gradient(90deg,rgba(90,0,160,.02),rgba(90,0,160,.85))", "`rgba(90,0,160,${.02+.83*u})`"),
+    "gap": ("log pi_S - log pi_T (blue: student more sure, red: teacher more sure)", "d", -3.0, 3.0,
+            "linear-gradient(90deg,rgba(200,0,0,.8),rgba(255,255,255,0),rgba(0,80,200,.8))",
+            "u<.5?`rgba(200,0,0,${.8*(1-2*u)})`:`rgba(0,80,200,${.8*(2*u-1)})`"),
+}
+_JS = """
+const M = %s;
+Object.values(M).forEach(m => { m.f = new Function('u', 'return ' + m.col); });
+function paint(){
+  const m = M[document.querySelector('input[name=mode]:checked').value];
+  const spans = document.querySelectorAll('.t');
+  let hi = m.hi;
+  if (hi === null) { hi = 1e-12; spans.forEach(s => { hi = Math.max(hi, +s.dataset[m.attr] || 0); }); }
+  spans.forEach(s => {
+    const v = +s.dataset[m.attr];
+    if (!isFinite(v)) { s.style.background = 'transparent'; return; }
+    const u = Math.max(0, Math.min(1, (v - m.lo) / (hi - m.lo)));
+    s.style.background = m.f(u);
+  });
+  document.getElementById('scale').style.background = m.grad;
+  document.getElementById('lo').textContent = m.lo;
+  document.getElementById('hi').textContent = (+hi).toPrecision(3);
+  document.getElementById('what').textContent = m.label;
+}
+function filter(){
+  const f = document.querySelector('input[name=show]:checked').value;
+  document.querySelectorAll('.c').forEach(c => {
+    c.style.display = (f === 'all' || c.dataset.ok === (f === 'correct' ? '1' : '0')) ? '' : 'none';
+  });
+  document.querySelectorAll('.g').forEach(g => {
+    g.style.display = [...g.querySelectorAll('.c')].some(c => c.style.display !== 'none') ? '' : 'none';
+  });
+}
+document.querySelectorAll('input[name=mode]').forEach(i => i.addEventListener('change', paint));
+document.querySelectorAll('input[name=show]').forEach(i => i.addEventListener('change', filter));
+new URLSearchParams(location.hash.slice(1)).forEach((v, k) => {  // e.g. rollouts.html#mode=kl&show=wrong
+  const i = document.querySelector(`input[name=${k}][value=${v}]`); if (i) i.checked = true; });
+paint(); filter();
+"""
+
+
 def write_html(path: Path, records: list[dict], summary: dict, title: str) -> None:
-    """A self-contained page: one <span class="t"> per completion token, background = beta*,
-    a solid outline = replaced by the teacher (SKD), hover = the token's numbers."""
-    css = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
-           ".c{border:1px solid #ccc;border-radius:6px;padding:.6em;margin:.8em 0;white-space:pre-wrap;"
-           "font-family:ui-monospace,monospace;font-size:13px}.p{color:#777}.ok{color:#080}.bad{color:#b00}"
-           ".t.r{outline:2px solid #1565c0}table{border-collapse:collapse}td{padding:.1em .8em}")
+    """A self-contained page to look at a sampler with: a short header (the full metrics folded
+    away), a legend for the colour scale, a selector for what colours the tokens (beta*, log pi_T,
+    KL(mu || pi_S), log pi_S - log pi_T), a filter (all / correct / wrong), one prompt header per
+    group of samples (chat markup hidden), extracted vs gold answer per sample. One <span class="t">
+    per completion token (background: beta* until the page's script repaints it; a solid outline:
+    replaced by the teacher, SKD; hover: the token's numbers)."""
+    n_ok = sum(bool(r["correct"]) for r in records)
+    betas = [b for r in records for b in r["beta"] if math.isfinite(b)]
+    head = (f"{len(records)} completions of {len({r['prompt_index'] for r in records})} prompts, "
+            f"{n_ok} correct ({n_ok / max(len(records), 1):.0%}), mean beta* "
+            f"{(sum(betas) / len(betas)) if betas else 0:.3f}")
+    modes = {k: {"label": label, "attr": attr, "lo": lo, "hi": hi, "grad": grad, "col": col}
+             for k, (label, attr, lo, hi, grad, col) in _MODES.items()}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>",
-             "<p>Token background: beta* at that prefix (white 0, orange 1). Blue outline: token "
-             "replaced by a teacher sample (SKD). Hover a token for log pi_S, log pi_T, log mu, beta, KL.</p>",
-             "<table>"]
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><div>{html.escape(head)}</div>",
+             "<details><summary>all metrics</summary><table>"]
     for k, v in summary.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            parts.append(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>")
-    parts.append("</table>")
+            parts.append(f"<tr><td>{html.escape(k)}</td><td>{_num(float(v))}</td></tr>")
+    parts.append("</table></details><div class='bar'><b>colour</b> ")
+    for i, (k, (label, *_)) in enumerate(_MODES.items()):
+        short = {"beta": "beta*", "tlogp": "log pi_T", "kl": "KL(mu||pi_S)", "gap": "log pi_S - log pi_T"}[k]
+        parts.append(f"<label title='{html.escape(label, quote=True)}'><input type='radio' name='mode' value='{k}'"
+                     f"{' checked' if i == 0 else ''}> {short}</label>")
+    parts.append("<span class='legend'><span id='lo'>0</span><span class='scale' id='scale' "
+                 f"style='background:{_MODES['beta'][4]}'></span><span id='hi'>1</span></span> "
+                 "<span id='what'></span><br><b>show</b> ")
+    for i, k in enumerate(("all", "correct", "wrong")):
+        parts.append(f"<label><input type='radio' name='show' value='{k}'{' checked' if i == 0 else ''}> {k}</label>")
+    parts.append("<span style='color:#555'> blue outline: a token the teacher replaced (SKD); hover a token "
+                 "for its numbers</span></div>")
+    by_prompt: dict[int, list[dict]] = {}
     for r in records:
-        mark = "<span class='ok'>correct</span>" if r["correct"] else "<span class='bad'>wrong</span>"
-        parts.append(f"<div class='c'><div><b>prompt {r['prompt_index']} sample {r['sample']}</b> - {mark}, "
-                     f"gold {html.escape(str(r['gold']))}, {len(r['token_ids'])} tokens, support score "
-                     f"{r['support_score']:.3f}</div><span class='p'>{html.escape(r['prompt'])}</span>")
-        for i, piece in enumerate(r["token_text"]):
-            tip = (f"log pi_S {r['student_logp'][i]:.3f} | log pi_T {r['teacher_logp'][i]:.3f} | "
-                   f"log mu {r['behavior_logp'][i]:.3f} | beta {r['beta'][i]:.3f} | KL {r['kl'][i]:.2e}")
-            cls = "t r" if r["replaced"][i] else "t"
-            parts.append(f"<span class='{cls}' style='background:{_colour(r['beta'][i])}' "
-                         f"title='{html.escape(tip, quote=True)}'>{html.escape(piece)}</span>")
+        by_prompt.setdefault(r["prompt_index"], []).append(r)
+    for idx, group in by_prompt.items():
+        parts.append(f"<div class='g'><div class='q'><b>prompt {idx}</b> (gold {html.escape(str(group[0]['gold']))})"
+                     f"\n{html.escape(readable_prompt(group[0]['prompt']))}</div>")
+        for r in group:
+            mark = "<span class='ok'>correct</span>" if r["correct"] else "<span class='bad'>wrong</span>"
+            parts.append(f"<div class='c' data-ok='{int(bool(r['correct']))}'><div class='h'>sample {r['sample']}: "
+                         f"{mark}, answer {html.escape(str(r.get('extracted')))} vs gold "
+                         f"{html.escape(str(r['gold']))}; {len(r['token_ids'])} tokens, support score "
+                         f"{_num(r['support_score'])}</div>")
+            for i, piece in enumerate(r["token_text"]):
+                s_lp, t_lp, kl = r["student_logp"][i], r["teacher_logp"][i], r["kl"][i]
+                tip = (f"log pi_S {s_lp:.3f} | log pi_T {t_lp:.3f} | log mu {r['behavior_logp'][i]:.3f} | "
+                       f"beta {r['beta'][i]:.3f} | KL {kl:.2e}")
+                cls = "t r" if r["replaced"][i] else "t"
+                parts.append(f"<span class='{cls}' data-b='{_num(r['beta'][i])}' data-t='{_num(t_lp)}' "
+                             f"data-k='{_num(kl)}' data-d='{_num(s_lp - t_lp)}' "
+                             f"style='background:{_colour(r['beta'][i])}' "
+                             f"title='{html.escape(tip, quote=True)}'>{html.escape(piece)}</span>")
+            parts.append("</div>")
         parts.append("</div>")
-    parts.append("</body></html>")
+    parts.append(f"<script>{_JS % json.dumps(modes)}</script></body></html>")
     path.write_text("".join(parts), encoding="utf-8")
 
 
