@@ -135,3 +135,23 @@ def test_trb_eval_cli_writes_consistent_results(tmp_path):
         assert entry["metrics"]["eval/maj@3"] == sum(votes) / 4  # the vote keys stored are the ones voted on
         assert all(s["extracted"] is not None for s in samples if s["correct"])
         assert entry["metrics"]["eval/problems"] == 4
+
+
+@pytest.mark.parametrize("args, instruction, n, new_tokens", [
+    ([], None, 1, 48),  # the toy: greedy, the bare prompt
+    (["dataset=gsm8k"], "Please reason step by step", 32, 8192),  # the dataset's own eval settings
+    (["dataset=math500"], "Please reason step by step", 64, 8192),
+    (["dataset=gsm8k", "decoding=greedy"], "Please reason step by step", 1, 48),  # a named group wins
+    (["dataset=gsm8k", "prompt=bare", "decoding.n=4"], None, 4, 8192),  # and keys win
+])
+def test_dataset_presets_carry_their_eval_settings(args, instruction, n, new_tokens):
+    from hydra import compose, initialize_config_dir
+
+    from trb.cli import CONF_DIR, to_schema
+    from trb.config import EvalConfig
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = to_schema(compose(config_name="eval", overrides=args), EvalConfig)
+    assert (cfg.prompt.instruction or "").startswith(instruction or "") and bool(cfg.prompt.instruction) == \
+        bool(instruction)
+    assert cfg.decoding.n == n and cfg.decoding.max_new_tokens == new_tokens

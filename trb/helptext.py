@@ -93,7 +93,11 @@ def render_help(command: str, conf_name: str, schema, conf_dir: Path, overrides:
              "Config groups (group=option; [the default here]):"]
     for target, default, options in _groups(conf_dir, primary):
         shown = " | ".join(f"[{o}]" if o == default else o for o in options)
-        lines.append(f"  {target:<15} {shown}" + ("   (default: none)" if default == "null" else ""))
+        if "${" in default:
+            shown += f"   (follows {default.strip('${}')}: applied when one matches)"
+        elif default == "null":
+            shown += "   (none chosen: the settings below apply)"
+        lines.append(f"  {target:<15} {shown}")
     with_overrides = " with these overrides" if overrides else ""
     lines += ["", f"Settings (key=value: the value trb {command} would use{with_overrides}, then what it does):"]
     unset = [k for k, (_, is_section) in docs.items() if is_section and _lookup(composed, k) is None]
