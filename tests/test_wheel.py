@@ -41,6 +41,7 @@ def test_wheel_installs_and_runs_from_any_directory(tmp_path):
     work.mkdir()
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("TRB_CONF_DIR", None)
+    env.pop("PYTHONPATH", None)  # only the venv's own trb
     where = subprocess.run([str(py), "-c", "import trb.cli; print(trb.cli.CONF_DIR)"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=60)
     assert where.stdout.strip().startswith(site), where.stdout + where.stderr  # the wheel's trb, not the repo's
