@@ -270,3 +270,48 @@ def test_wandb_gets_a_real_model_artifact_and_completion_tables(pair, tmp_path):
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"model.safetensors" in log and b"tokenizer.json" in log and b"config.json" in log
     assert b"trainer_state.pt" not in log and b"file://" not in log
+
+
+def test_under_a_terminal_a_bar_and_lines_above_it(pair, tmp_path):
+    """Under a (pseudo-)terminal: tqdm bars for training and the periodic eval, the other lines
+    printed whole above them (each at a line start), no per-step lines."""
+    import os
+    import pty
+    import select
+
+    s, t = pair
+    out = tmp_path / "r"
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "trb", "train", f"student.path={s}", f"teacher.path={t}",
+                             "steps=4", "log_every=1", "eval_every=2", "prompts_per_step=2", "rollout.n=1",
+                             "rollout.max_new_tokens=6", "dataset.eval_size=2", "logger.kind=none",
+                             f"output_dir={out}"], cwd=tmp_path, stdout=slave, stderr=slave,
+                            env={**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "120"})
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 300)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text[-2000:]
+    assert "train:" in text and ("it/s" in text or "s/it" in text), text[-2000:]  # the bar drew
+    lines = text.replace("\r", "\n").splitlines()
+    for step in (0, 2, 4):
+        assert any(x.startswith(f"step {step:5d}  eval accuracy") for x in lines), text[-3000:]
+    assert not any(x.startswith("step 1/4") for x in lines)  # per-step lines only without a terminal
+    assert "eval @ 2" in text  # the periodic eval's bar

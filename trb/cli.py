@@ -260,6 +260,10 @@ class _Echo:
 def _maybe_help(command: str, conf_name: str, schema, args: list[str]) -> None:
     """--help / -h: this command's groups and every setting with its value and doc (trb.helptext);
     Hydra's own flags stay under --hydra-help."""
+    if any(a in ("-sc", "--shell-completion") or a.startswith(("-sc=", "--shell-completion=")) for a in args):
+        typer.echo("error: shell completion is not supported (Hydra's completion script does not reach trb's "
+                   "Typer commands); `trb <command> --help` lists the groups and settings", err=True)
+        raise typer.Exit(code=2)
     if not any(a in ("--help", "-h") for a in args):
         return
     from hydra.errors import HydraException

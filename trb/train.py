@@ -628,8 +628,13 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
 
 
 def _run_eval(s: _Session, step: int, log) -> None:
+    from tqdm import tqdm
+
     t0 = time.time()
-    res = evaluate_sharded(s.run, s.eval_rows)
+    total = len(s.eval_rows) * s.run.cfg.eval_decoding.n
+    with tqdm(total=total, desc=f"eval @ {step}", leave=False, dynamic_ncols=True,
+              disable=None if s.run.world.main else True) as bar:  # a bar under a terminal only
+        res = evaluate_sharded(s.run, s.eval_rows, progress=bar.update)
     if res and s.run.world.main:
         res["time/eval"] = time.time() - t0
         s.tracker.log(res, step)
@@ -801,18 +806,20 @@ def _quiet(*_args, **_kwargs) -> None:
     return None
 
 
-def evaluate_sharded(run: _Run, rows: list[dict]) -> dict:
+def evaluate_sharded(run: _Run, rows: list[dict], progress=None) -> dict:
     """The periodic eval: problems split round-robin across ranks, graded samples gathered and
     aggregated on rank 0 (other ranks return {})."""
     world, cfg = run.world, run.cfg
     if not world.distributed:
-        res, _ = evaluate(run.policy, run.tok, rows, run.stop, run.grader, cfg.prompt, cfg.eval_decoding)
+        res, _ = evaluate(run.policy, run.tok, rows, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
+                          progress=progress)
         return res
     t0 = time.time()
     timeouts0 = run.grader.stats.timeouts
     mine = rows[world.rank :: world.size]
     _, samples = evaluate(run.policy, run.tok, mine, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
-                          problem_ids=list(range(len(rows)))[world.rank :: world.size])
+                          problem_ids=list(range(len(rows)))[world.rank :: world.size],
+                          progress=(lambda k: progress(k * world.size)) if progress else None)  # rank 0's share
     for s in samples:  # local problem index -> global
         s["problem"] = world.rank + s["problem"] * world.size
     parts = distributed.gather((samples, run.grader.stats.timeouts - timeouts0))
