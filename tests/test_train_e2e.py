@@ -139,7 +139,7 @@ def test_console_script_help():
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "train" in r.stdout
     r = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "blend: constant, cosine, linear, none, step" in r.stdout
+    assert r.returncode == 0 and "blend           constant | cosine | [linear] | none | step" in r.stdout
 
 
 def test_paper_model_presets_fail_fast_offline(tmp_path):
