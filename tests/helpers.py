@@ -46,3 +46,17 @@ def cli(args, cwd, wandb_mode="disabled", timeout=600):
     env = {**os.environ, "WANDB_MODE": wandb_mode}
     return subprocess.run([sys.executable, "-m", "trb", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def train_config(pair, train_size: int, n: int, new_tokens: int, **kw):
+    """A TrainConfig of the tiny pair: TRB (eps0 0.05, K 3), 4 eval problems, 2 prompts per step,
+    W&B off; keyword arguments override any field."""
+    from trb.config import BlendConfig, DatasetConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainConfig
+
+    s, t = pair
+    base = dict(student=ModelConfig(path=s), teacher=ModelConfig(path=t), blend=BlendConfig(eps0=0.05, horizon=3),
+                dataset=DatasetConfig(train_size=train_size, eval_size=4),
+                rollout=RolloutConfig(n=n, max_new_tokens=new_tokens), logger=LoggerConfig(kind="none"),
+                prompts_per_step=2)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -12,8 +12,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from helpers import save_pair
-from trb.config import BlendConfig, DatasetConfig, LoggerConfig, MethodConfig, ModelConfig, RolloutConfig, TrainConfig
+from helpers import save_pair, train_config
+from trb.config import BlendConfig, LoggerConfig, MethodConfig, TrainConfig
 from trb.tracking import read_metrics
 from trb.train import train
 
@@ -26,12 +26,7 @@ def pair(tmp_path_factory):
 
 
 def config(pair, **kw):
-    s, t = pair
-    base = dict(student=ModelConfig(path=s), teacher=ModelConfig(path=t), blend=BlendConfig(eps0=0.05, horizon=3),
-                dataset=DatasetConfig(train_size=30, eval_size=4), rollout=RolloutConfig(n=2, max_new_tokens=8),
-                logger=LoggerConfig(kind="none"), steps=6, prompts_per_step=2, save_every=2, eval_every=2)
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_config(pair, 30, 2, 8, **{"steps": 6, "save_every": 2, "eval_every": 2, **kw})
 
 
 def weights(run_dir, step):

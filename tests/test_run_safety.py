@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli, save_pair
-from trb.config import BlendConfig, DatasetConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainConfig
+from helpers import cli, save_pair, train_config
+from trb.config import BlendConfig, RolloutConfig, TrainConfig
 from trb.errors import UserError
 
 FIX = Path(__file__).parent / "fixtures"
@@ -34,12 +34,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 def config(pair, **kw):
-    s, t = pair
-    base = dict(student=ModelConfig(path=s), teacher=ModelConfig(path=t), blend=BlendConfig(eps0=0.05, horizon=3),
-                dataset=DatasetConfig(train_size=20, eval_size=4), rollout=RolloutConfig(n=1, max_new_tokens=6),
-                logger=LoggerConfig(kind="none"), steps=2, prompts_per_step=2, save_every=1, eval_every=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_config(pair, 20, 1, 6, **{"steps": 2, "save_every": 1, "eval_every": 0, **kw})
 
 
 def quiet(*_a, **_k):
@@ -338,7 +333,7 @@ def test_a_full_disk_leaves_no_partial_checkpoint(pair, tmp_path, monkeypatch):
 ])
 def test_every_float_is_finite_and_in_range(section, kw, needle):
     """The checks themselves (the CLI cases below show they reach the user as one line)."""
-    from trb.config import BlendConfig, DecodingConfig, MethodConfig, OptimConfig, PlanConfig
+    from trb.config import DecodingConfig, MethodConfig, OptimConfig, PlanConfig
 
     make = {"blend": BlendConfig, "optim": OptimConfig, "method": MethodConfig, "rollout": RolloutConfig,
             "decoding": DecodingConfig, "plan": PlanConfig, "top": TrainConfig}[section]

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    state = {
+        "step": step,
+        "optimizer": optimizer_state,
+        "rng": rng_state(),
+        **(extra or {}),
+    }
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -49,16 +56,6 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
             conf.update({k: dtype for k in ("dtype", "torch_dtype") if k in conf})
             (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         tokenizer.save_pretrained(tmp)
-    except (OSError, RuntimeError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(final, err) from None
-    state = {
-        "step": step,
-        "optimizer": optimizer_state,
-        "rng": rng_state(),
-        **(extra or {}),
-    }
-    try:
         torch.save(state, tmp / "trainer_state.pt")
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as err:  # a full or read-only disk: no partial folder stays behind
@@ -71,6 +68,12 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(path) -> int | None:
+    """The step of a checkpoint folder named step_NNNNNN (as save_checkpoint names them), else None."""
+    m = re.fullmatch(r"step_(\d+)", Path(str(path).rstrip("/")).name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

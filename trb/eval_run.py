@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 
-from trb.checkpoint import list_checkpoints
+from trb.checkpoint import checkpoint_step, list_checkpoints
 from trb.config import EvalConfig, ModelConfig
 from trb.data import fit_prompts, load_rows
 from trb.evaluate import evaluate
@@ -36,11 +35,6 @@ def resolve_checkpoints(spec) -> list[str]:
         else:
             out.append(str(item))
     return out
-
-
-def _step_of(path: str) -> int | None:
-    m = re.search(r"step_(\d+)$", path.rstrip("/"))
-    return int(m.group(1)) if m else None
 
 
 def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
@@ -68,7 +62,7 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                                             cfg.decoding, progress=bar.update)
             metrics["eval/seconds"] = time.time() - t0
             metrics["eval/skipped_too_long"] = too_long
-            step = _step_of(ckpt)
+            step = checkpoint_step(ckpt)
             if len(checkpoints) == 1:
                 name = "samples.jsonl"
             else:

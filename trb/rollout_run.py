@@ -164,6 +164,10 @@ paint(); filter();
 
 
 def write_html(path: Path, records: list[dict], summary: dict, title: str) -> None:
+    path.write_text(render_html(records, summary, title), encoding="utf-8")
+
+
+def render_html(records: list[dict], summary: dict, title: str) -> str:
     """A self-contained page to look at a sampler with: a short header (the full metrics folded
     away), a legend for the colour scale, a selector for what colours the tokens (beta*, log pi_T,
     KL(mu || pi_S), log pi_S - log pi_T), a filter (all / correct / wrong), one prompt header per
@@ -219,7 +223,7 @@ def write_html(path: Path, records: list[dict], summary: dict, title: str) -> No
             parts.append("</div>")
         parts.append("</div>")
     parts.append(f"<script>{_JS % json.dumps(modes)}</script></body></html>")
-    path.write_text("".join(parts), encoding="utf-8")
+    return "".join(parts)
 
 
 def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
@@ -305,11 +309,9 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     if tracker.run is not None:  # a sample of the rows: the page grows with rows x length (~70 MB at the paper's)
         import wandb
 
-        small = out_dir / "rollouts_wandb.html"
-        write_html(small, records[: cfg.logger.html_rows], summary,
-                   f"{title} (first {min(cfg.logger.html_rows, len(records))} of {len(records)} completions)")
-        tracker.run.log({"rollouts": wandb.Html(small.read_text(encoding="utf-8"))})
-        small.unlink()
+        page = render_html(records[: cfg.logger.html_rows], summary,
+                           f"{title} (first {min(cfg.logger.html_rows, len(records))} of {len(records)} completions)")
+        tracker.run.log({"rollouts": wandb.Html(page)})
     tracker.finish()
     print_summary(summary, log)
     log(f"wrote {out_dir / 'rollouts.jsonl'}, {out_dir / 'rollouts.html'}, {out_dir / 'summary.json'}")

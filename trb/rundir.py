@@ -28,7 +28,7 @@ import socket
 import time
 from pathlib import Path
 
-from trb.checkpoint import _comparable, list_checkpoints
+from trb.checkpoint import _comparable, checkpoint_step, list_checkpoints
 from trb.errors import UserError, started
 
 LOCK = ".trb.lock"
@@ -148,11 +148,11 @@ class Claim:
 
 
 def _step_of(ckpt: Path) -> int:
-    try:
-        return int(ckpt.name.removeprefix("step_"))
-    except ValueError:
+    step = checkpoint_step(ckpt)
+    if step is None:
         raise RunDirError(f"resume={ckpt} is not a checkpoint folder named step_NNNNNN (a trb run's "
-                          f"checkpoints/step_NNNNNN)") from None
+                          f"checkpoints/step_NNNNNN)")
+    return step
 
 
 def _read_config(path: Path) -> dict:

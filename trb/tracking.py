@@ -121,7 +121,7 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 def metrics_records(path: Path, with_lines: bool = False) -> list:
     """The records of a metrics.jsonl. A torn last line (a process killed mid-write) is dropped;
     any other line that is not a JSON object is an error naming the file and line."""
-    lines = [x for x in Path(path).read_text(errors="replace").splitlines()]
+    lines = Path(path).read_text(errors="replace").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     out = []

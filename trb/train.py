@@ -364,11 +364,12 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
                  max_rows=cfg.rollout.max_rows)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
-    texts = decode_completions(run.tok, ro.tokens, ro.response_mask)
-    rewards = run.grader.grade(texts, golds) if all(g is not None for g in golds) else []
+    graded, table = all(g is not None for g in golds), run.tracker_wants_table(step)
+    texts = decode_completions(run.tok, ro.tokens, ro.response_mask) if graded or table else []
+    rewards = run.grader.grade(texts, golds) if graded else []
     t_grade = time.time()
     samples = None
-    if run.tracker_wants_table(step):
+    if table:
         rows_shown = range(min(run.cfg.logger.table_rows, len(texts)))
         mask = ro.response_mask.float()
         beta = ((ro.beta.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
@@ -478,9 +479,9 @@ def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
         try:
             claim = rundir.claim(cfg, run_dir)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-            refusal = err if world.distributed else None
             if not world.distributed:
                 raise
+            refusal = err
     decision = (str(refusal) if refusal else None, type(refusal).__name__ if refusal else None,
                 str(claim.resume_from) if claim and claim.resume_from else None)
     message, kind, resume = distributed.gather(decision)[0]
