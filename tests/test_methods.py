@@ -191,3 +191,34 @@ def test_paper_preset_first_step_runs_on_shrunk_qwen3(name, tmp_path):
     assert [x["step"] for x in evals] == [0, 1] and evals[0]["eval/samples_per_problem"] == 2
     cfg = json.loads((run / "train_config.json").read_text())
     assert cfg["optim"]["lr"] == 1e-5 and cfg["rollout"]["n"] == 4 and cfg["prompt"]["instruction_role"] == "system"
+
+
+# --------------------------------------------------------------------------------------------
+# The toy testbed: two regimes, and the demo README describes
+# --------------------------------------------------------------------------------------------
+
+
+def test_weak_prefix_regime_is_one_override_and_builds():
+    import dataclasses
+
+    from trb.models import resolve_path
+
+    robust, weak = compose([]), compose(["teacher=toy_clean"])
+    assert (robust.teacher.path, weak.teacher.path) == ("toy:teacher", "toy:teacher_clean")
+    a, b = dataclasses.asdict(robust), dataclasses.asdict(weak)
+    a.pop("teacher"), b.pop("teacher")
+    assert a == b  # the override changes the teacher and nothing else
+    folders = [Path(resolve_path(c.teacher, "teacher")) for c in (robust, weak)]
+    assert all((f / "model.safetensors").exists() for f in folders)
+    assert (folders[0] / "model.safetensors").read_bytes() != (folders[1] / "model.safetensors").read_bytes()
+
+
+def test_demo_settings_are_what_readme_says():
+    cfg = compose([])
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = (f"`make demo` = `trb train` with the defaults: method {cfg.method.name} (blend {cfg.blend.kind}, "
+            f"eps0 {cfg.blend.eps0:g}, horizon {cfg.blend.horizon}), {cfg.steps} steps x {cfg.prompts_per_step} "
+            f"prompts x {cfg.rollout.n} rollouts, lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, "
+            f"{cfg.optim.decay}), eval every {cfg.eval_every} steps on {cfg.dataset.eval_size} held-out problems "
+            f"({'greedy' if cfg.eval_decoding.greedy else 'sampled'}, {cfg.eval_decoding.max_new_tokens} tokens)")
+    assert line in readme, line

@@ -54,14 +54,17 @@ def _digest(folder):
 
 def test_build_is_deterministic(tmp_path):
     tiny = ToyRecipe(
-        teacher=ToyModelRecipe(32, 1, 2, 1, 64, "<|im_end|>", steps=3, lr=1e-3, batch=4, seed=1),
+        teacher=ToyModelRecipe(32, 1, 2, 1, 64, "<|im_end|>", steps=3, lr=1e-3, batch=4, seed=1, corrupt=0.5),
+        teacher_clean=ToyModelRecipe(32, 1, 2, 1, 64, "<|im_end|>", steps=3, lr=1e-3, batch=4, seed=1),
         student=ToyModelRecipe(16, 1, 1, 1, 32, "<|endoftext|>", steps=2, lr=1e-3, batch=4, seed=2),
         train_problems=100,
     )
     a = build(tmp_path / "a", tiny, log=lambda *_: None)
     b = build(tmp_path / "b", tiny, log=lambda *_: None)
-    for sub in ("teacher", "student"):
+    for sub in ("teacher", "teacher_clean", "student"):
         assert _digest(a / sub) == _digest(b / sub)
+    # the two teachers differ by the corrupted solutions alone
+    assert _digest(a / "teacher") != _digest(a / "teacher_clean")
     assert json.loads((a / "recipe.json").read_text())["digest"] == tiny.digest()
 
 
@@ -69,5 +72,8 @@ def test_shipped_models_match_the_default_recipe():
     meta = json.loads((ASSETS / "recipe.json").read_text())
     assert meta["digest"] == ToyRecipe().digest()
     assert meta["greedy_accuracy_200"]["teacher"] >= 0.9
-    assert meta["greedy_accuracy_200"]["student"] <= 0.5  # clearly below the teacher
+    assert meta["greedy_accuracy_200"]["teacher_clean"] >= 0.9
+    for name in ("teacher", "teacher_clean", "student"):
+        assert (ASSETS / name / "model.safetensors").exists()
+    assert meta["greedy_accuracy_200"]["student"] <= meta["greedy_accuracy_200"]["teacher"] - 0.2  # clearly below
     assert dataclasses.asdict(ToyRecipe())["teacher"]["steps"] == meta["teacher"]["steps"]

@@ -340,12 +340,15 @@ def report_cmd(
                                         "else outputs/report)."),
     band: str = typer.Option("minmax", help="Band around the seed mean: minmax or std (+-1 std)."),
     early: int = typer.Option(50, help="Steps shown in schedule.png (eps, mean beta*, realised KL)."),
+    baseline: str = typer.Option("opd", help="Method every group is compared with: paired-by-seed differences "
+                                             "with 95% t-intervals ('' for none)."),
 ) -> None:
-    """Compare runs across methods and seeds: accuracy.png, schedule.png, report.md (table), report.json."""
+    """Compare runs grouped by every config key that differs among them: report.md (table with final, best,
+    AUC and paired differences to the baseline), report.json, accuracy.png, difference.png, schedule.png."""
     from trb.report import report
 
     try:
-        report(paths, out, band=band, early=early, log=typer.echo)
+        report(paths, out, band=band, early=early, baseline=baseline or None, log=typer.echo)
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None

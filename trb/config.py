@@ -203,7 +203,7 @@ class RolloutConfig:
 class OptimConfig:
     """AdamW with a cosine warmup, then constant lr (paper: 1e-5, warmup 15) or cosine decay."""
 
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 3e-4  # peak learning rate (the toy default; the paper uses 1e-5)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
     weight_decay: float = 0.01  # AdamW weight decay
@@ -343,7 +343,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: StepConfig = field(default_factory=StepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    steps: int = 400  # optimiser steps (one rollout batch each)
+    steps: int = 600  # optimiser steps (one rollout batch each)
     prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
     eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
     log_every: int = 10  # a console line every N steps where no progress bar is drawn (not a terminal; 0 = none)

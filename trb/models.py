@@ -19,12 +19,15 @@ class ModelLoadError(UserError):
 
 
 def resolve_path(cfg: ModelConfig, role: str) -> str:
-    """toy:student / toy:teacher -> the toy folder (built on first use); else the path as given."""
+    """toy:student / toy:teacher / toy:teacher_clean -> the toy folder (built on first use); else the
+    path as given."""
     if cfg.path.startswith("toy:"):
+        from trb.toy import MODELS, ensure_built
+
         which = cfg.path.split(":", 1)[1]
-        if which not in ("student", "teacher"):
-            raise ModelLoadError(f"{role}.path={cfg.path!r}: the toy models are toy:student and toy:teacher")
-        from trb.toy import ensure_built
+        if which not in MODELS:
+            raise ModelLoadError(f"{role}.path={cfg.path!r}: the toy models are "
+                                 + ", ".join(f"toy:{m}" for m in MODELS))
 
         return str(ensure_built() / which)
     return cfg.path

@@ -8,8 +8,13 @@ models that ship in trb/assets/toy/ bit for bit (single thread, fixed seeds, sam
   tokenizer  byte-level BPE without merges (every digit is its own token) + Qwen-style chat
              template; specials <|endoftext|> (student EOS, pad), <|im_start|>, <|im_end|>
              (teacher EOS): the EOS ids differ like Qwen3-Base vs Qwen3, on purpose.
-  teacher    Qwen3 architecture, 4 layers x 128, SFT on worked solutions (>= 90% greedy).
-  student    Qwen3 architecture, 2 layers x 64, briefly SFT'd: knows the format, weak at sums.
+  teacher    Qwen3 architecture, 4 layers x 128, SFT on worked solutions, half of them with one
+             corrupted intermediate result that is masked from the loss (>= 90% greedy): a robust
+             teacher that continues sensibly from a student's wrong digit (`teacher=toy`).
+  teacher_clean  the same recipe on clean solutions only: it has never seen a wrong intermediate
+             result, so the student's early mistakes put it off its support (the weak-prefix
+             regime, `teacher=toy_clean`).
+  student    Qwen3 architecture, 4 layers x 64, briefly SFT'd: knows the format, weak at sums.
 """
 
 from __future__ import annotations
@@ -97,6 +102,9 @@ def make_split(task: ToyTask, n: int, seed: int, exclude: set[str] | None = None
     return rows
 
 
+# The models a build writes (toy:<name>), in build order.
+MODELS = ("teacher", "teacher_clean", "student")
+
 # Held-out problems come from this seed; training draws exclude them.
 EVAL_SEED = 1_000_003
 
@@ -162,8 +170,12 @@ class ToyRecipe:
         default_factory=lambda: ToyModelRecipe(128, 4, 4, 2, 384, "<|im_end|>", steps=2500, lr=3e-3, batch=32,
                                                seed=1, corrupt=0.5)
     )
+    teacher_clean: ToyModelRecipe = field(
+        default_factory=lambda: ToyModelRecipe(128, 4, 4, 2, 384, "<|im_end|>", steps=2500, lr=3e-3, batch=32,
+                                               seed=1, corrupt=0.0)
+    )
     student: ToyModelRecipe = field(
-        default_factory=lambda: ToyModelRecipe(64, 4, 2, 1, 192, "<|endoftext|>", steps=500, lr=1e-3, batch=32,
+        default_factory=lambda: ToyModelRecipe(64, 4, 2, 1, 192, "<|endoftext|>", steps=800, lr=1e-3, batch=32,
                                                seed=2, min_lr_ratio=1.0)
     )
     train_problems: int = 20_000
@@ -315,7 +327,7 @@ def build(out_dir: Path | str = ASSETS, recipe: ToyRecipe | None = None, log=pri
     eval_rows = make_split(recipe.task, 500, EVAL_SEED)
     rows = make_split(recipe.task, recipe.train_problems, 0, exclude={r["question"] for r in eval_rows})
     accuracy = {}
-    for name in ("teacher", "student"):
+    for name in MODELS:
         r = getattr(recipe, name)
         tok = build_tokenizer(r.eos)
         log(f"building toy {name}: {r.layers} layers x {r.hidden}, {r.steps} SFT steps")
