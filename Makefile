@@ -32,7 +32,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check trb tests
 
-# rebuild the shipped toy models bit for bit (~15 min on one core)
+# rebuild the shipped toy models (two teachers, the student) bit for bit (~25 min on one core)
 toy: install
 	$(BIN)/trb toy build
 

@@ -484,8 +484,9 @@ def _run_user_task(fn) -> None:
 
 @toy_app.command("build")
 def toy_build(out: Path = typer.Option(None, help="Output folder (default: the shipped trb/assets/toy).")) -> None:
-    """Rebuild the toy teacher and student (about 20 minutes on one CPU core; bit-identical to
-    the shipped ones with torch 2.13 on one thread)."""
+    """Rebuild the toy teachers (robust: toy:teacher; clean solutions only: toy:teacher_clean) and
+    the student (about 25 minutes on one CPU core; bit-identical to the shipped ones with torch 2.13
+    on one thread)."""
     from trb.toy import ASSETS, build
 
     path = build(out or ASSETS, log=typer.echo)
