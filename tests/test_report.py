@@ -28,7 +28,7 @@ def fake_run(root, name, method, blend, seed, accs, eps0=0.0, steps=10, extra=No
             f.write(json.dumps({"step": s, "loss": 1.0, "eps": eps, "beta/mean": eps * 50,
                                 "kl_mu_student/mean": eps / 2, "rollout/reward": 0.1 * seed}) + "\n")
         for s, a in accs.items():
-            f.write(json.dumps({"step": s, "eval/accuracy": a, "eval/problems": problems,
+            f.write(json.dumps({"step": s, "eval/accuracy": a, "eval/problems": float(problems),  # as trb logs it
                                 "eval/samples_per_problem": 1}) + "\n")
     (d / "summary.json").write_text("{}")
     return d

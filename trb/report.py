@@ -306,7 +306,7 @@ def eval_caption(runs: list[dict]) -> str:
         cfg = r["raw_config"]
         ds = cfg.get("eval_dataset") or cfg.get("dataset") or {}
         dec = cfg.get("eval_decoding") or {}
-        n = r["eval_problems"] or ds.get("eval_size")
+        n = int(r["eval_problems"] or ds.get("eval_size") or 0) or "?"
         how = "greedy" if dec.get("greedy", True) else (f"sampled at T={dec.get('temperature')}, "
                                                         f"top-p {dec.get('top_p')}, n={dec.get('n')}")
         descs.append(f"{n} held-out {ds.get('name', '?')} problems ({ds.get('split', 'test')} split), {how}, "
@@ -358,6 +358,16 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _hide_unused(axes, used: int, rows: int, cols: int) -> None:
+    """Hide the grid's empty panels; the lowest panel of every column carries the step axis."""
+    for j in range(used, rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    for c in range(cols):
+        r = max(r for r in range(rows) if r * cols + c < used) if c < used else 0
+        axes[r][c].xaxis.set_tick_params(labelbottom=True)
+        axes[r][c].set_xlabel("optimiser step")
+
+
 def _band(curve: list[dict], band: str):
     if band == "std":
         return ([c["mean"] - (c["std"] or 0) for c in curve], [c["mean"] + (c["std"] or 0) for c in curve])
@@ -387,10 +397,7 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="lower right")
-    for j in range(len(labels), rows * cols):
-        axes[j // cols][j % cols].set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("optimiser step")
+    _hide_unused(axes, len(labels), rows, cols)
     for row in axes:
         row[0].set_ylabel("eval accuracy")
     band_txt = "±1 std over seeds" if band == "std" else "min..max over seeds"
@@ -424,10 +431,7 @@ def plot_difference(summary: dict[str, dict], path: Path, baseline: str, caption
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
-    for j in range(len(items), rows * cols):
-        axes[j // cols][j % cols].set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("optimiser step")
+    _hide_unused(axes, len(items), rows, cols)
     for row in axes:
         row[0].set_ylabel(f"accuracy − {baseline}")
     fig.text(0.01, 0.005, f"{caption}. Paired by seed; band: 95% t-interval over seed pairs.", fontsize=7,
