@@ -527,7 +527,8 @@ def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str
         notes.append(
             f"Δ vs {baseline}: runs paired by seed with the {baseline} group that shares every setting outside "
             "method.* and blend.*; mean paired difference with a two-sided 95% Student-t interval over the "
-            "seed pairs (n - 1 degrees of freedom); * = the interval excludes 0. The eval problems are held "
+            "seed pairs (n - 1 degrees of freedom); * = the interval excludes 0 (unadjusted: of many such "
+            "intervals about one in twenty excludes 0 by chance alone). The eval problems are held "
             "fixed, so the interval covers run-to-run variation, not the choice of problems.")
         if unmatched:
             notes.append(f"No single {baseline} group to pair with: {', '.join(unmatched)}.")
