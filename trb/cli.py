@@ -4,7 +4,7 @@
     trb eval [overrides]         score checkpoints (see `trb eval --help`)
     trb rollout [overrides]      sample under a behaviour policy, no training (`trb rollout --help`)
     trb plan [overrides]         memory per device of each phase of a step (no weights loaded)
-    trb report RUN_OR_SWEEP...   compare runs: accuracy curves, schedule plots, a markdown table
+    trb report RUN_OR_SWEEP...   compare runs grouped by their differing settings: paired intervals, plots, a table
     trb toy build [--out DIR]    rebuild the embedded toy models bit for bit
 
 Only this file knows Hydra and OmegaConf: it composes trb/conf/<command>.yaml with the overrides,
