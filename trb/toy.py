@@ -14,7 +14,8 @@ models that ship in trb/assets/toy/ bit for bit (single thread, fixed seeds, sam
   teacher_clean  the same recipe on clean solutions only: it has never seen a wrong intermediate
              result, so the student's early mistakes put it off its support (the weak-prefix
              regime, `teacher=toy_clean`).
-  student    Qwen3 architecture, 4 layers x 64, briefly SFT'd: knows the format, weak at sums.
+  student    Qwen3 architecture, 4 layers x 64, 800 SFT steps at a constant lr: knows the format
+             and gets about 70% of the sums right (greedy); the teachers get 99-100%.
 """
 
 from __future__ import annotations
