@@ -49,7 +49,8 @@ def test_t_quantile_is_the_975_point(df):
 
 
 def auc(steps, accs):
-    return np.trapezoid(accs, steps) / (steps[-1] - steps[0])
+    s, a = np.asarray(steps, float), np.asarray(accs, float)
+    return float(((s[1:] - s[:-1]) * (a[1:] + a[:-1]) / 2).sum() / (s[-1] - s[0]))
 
 
 @pytest.fixture
@@ -192,6 +193,63 @@ def test_runs_are_aligned_on_common_steps(tmp_path):
     summary = report([tmp_path / "a", tmp_path / "b"], out_dir=tmp_path / "out", log=lambda *_: None)
     assert [c["step"] for c in summary["all runs"]["curve"]] == [0, 10]
     assert summary["all runs"]["best"]["mean"] == pytest.approx(0.4)
+
+
+def test_int_and_float_settings_are_one_setting_and_one_run_named_twice_is_one_run(tmp_path):
+    a = fake_run(tmp_path, "a", "opd", "none", 0, {0: 0.1, 10: 0.2}, extra={"optim.lr": 1})
+    fake_run(tmp_path, "b", "opd", "none", 1, {0: 0.1, 10: 0.4}, extra={"optim.lr": 1.0})
+    summary = report([tmp_path, a, tmp_path / ".." / tmp_path.name / "a"], out_dir=tmp_path / "out",
+                     log=lambda *_: None)
+    assert list(summary) == ["all runs"] and summary["all runs"]["seeds"] == [0, 1]
+
+
+def test_knobs_a_method_never_reads_do_not_split_its_runs(tmp_path):
+    # a cross sweep method=opd,skd method.skd_top_k=15,25: opd ran twice per seed with a knob it ignores
+    for k in (15, 25):
+        for seed in (0, 1):
+            fake_run(tmp_path, f"opd{k}{seed}", "opd", "none", seed, {0: 0.2, 10: 0.3 + 0.01 * seed},
+                     extra={"method.skd_top_k": k})
+            fake_run(tmp_path, f"skd{k}{seed}", "skd", "none", seed, {0: 0.2, 10: 0.3 + k / 1000},
+                     extra={"method.skd_top_k": k})
+    with pytest.raises(ReportError, match="2 runs with seed 0"):  # the opd pairs are the same run twice
+        report([tmp_path], out_dir=tmp_path / "out", log=lambda *_: None)
+    # opd runs whose unused blend.eps0 differs (one built in Python, one from the YAML) are one group
+    root = tmp_path / "eps"
+    fake_run(root, "o0", "opd", "none", 0, {0: 0.2, 10: 0.3}, extra={"blend.eps0": 0.0})
+    fake_run(root, "o1", "opd", "none", 1, {0: 0.2, 10: 0.35}, extra={"blend.eps0": 0.01})
+    for seed in (0, 1):
+        fake_run(root, f"t{seed}", "trb", "linear", seed, {0: 0.2, 10: 0.4}, extra={"blend.eps0": 0.01})
+    summary = report([root], out_dir=tmp_path / "out", log=lambda *_: None)
+    assert list(summary) == ["opd", "trb"]
+    assert summary["trb"]["vs_baseline"]["final"]["diffs"] == pytest.approx([0.1, 0.05])
+
+
+def test_no_shared_trained_step_gives_no_difference_and_says_so(tmp_path):
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, f"o{seed}", "opd", "none", seed, {0: 0.2, 10: 0.3, 20: 0.4})
+        fake_run(tmp_path, f"t{seed}", "trb", "linear", seed, {0: 0.2, 5: 0.5, 15: 0.6})
+    fake_run(tmp_path, "t9", "trb", "linear", 9, {0: 0.2, 5: 0.5, 15: 0.6})
+    summary = report([tmp_path], out_dir=tmp_path / "out", log=lambda *_: None)
+    v = summary["trb"]["vs_baseline"]
+    assert v["final"]["n"] == 0 and v["steps"] == [] and v["unpaired"] == 4
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Paired on fewer runs than the group holds: trb (4 of 4 runs without a partner" in md
+
+
+def test_runs_without_evals_are_skipped_and_all_without_is_an_error(tmp_path):
+    fake_run(tmp_path, "a", "opd", "none", 0, {0: 0.1, 10: 0.2})
+    fake_run(tmp_path, "b", "opd", "none", 1, {})
+    lines = []
+    summary = report([tmp_path], out_dir=tmp_path / "out", log=lines.append)
+    assert summary["all runs"]["seeds"] == [0] and any("without an eval: b" in x for x in lines)
+    with pytest.raises(ReportError, match="no eval accuracy"):
+        report([tmp_path / "b"], out_dir=tmp_path / "out2", log=lambda *_: None)
+
+
+def test_best_counts_a_first_eval_after_step_0(tmp_path):
+    fake_run(tmp_path, "a", "opd", "none", 0, {5: 0.9, 10: 0.4})  # e.g. resumed into a new dir at step 5
+    summary = report([tmp_path / "a"], out_dir=tmp_path / "out", log=lambda *_: None)
+    assert summary["all runs"]["best"]["mean"] == pytest.approx(0.9)
 
 
 def test_no_runs_is_an_error(tmp_path):

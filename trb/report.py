@@ -7,20 +7,24 @@ Runs are directories holding metrics.jsonl and train_config.json (the given path
 children). Grouping and statistics:
 
   groups     runs are grouped by every config key whose value differs among them (method, blend
-             kind, eps0, horizon, lr, ...), except the seed and the keys that only say where or how
-             a run is kept or shown (BOOKKEEPING). A group's label names only the keys that tell it
+             kind, eps0, horizon, lr, ...), except the seed, the keys that only say where or how a
+             run is kept, shown or fitted in memory (BOOKKEEPING), and knobs the run's method never
+             reads (blend.* without a blend, another method's method.*); 1 and 1.0 are one value.
+             Runs without an eval are skipped (named). A group's label names only the keys that tell it
              apart (`trb blend.eps0=0.005 blend.horizon=15`). Seeds come from each run's config; a
              group holding two runs with one seed is an error.
   per run    start = eval accuracy at the first eval step the compared runs share (step 0 for fresh
-             runs); final = at the last shared step; best = the best of the shared steps after the
-             first (trained checkpoints only, never the untrained model); AUC = area under the
+             runs); final = at the last shared step; best = the best of the shared steps after step
+             0 (trained checkpoints only, never the untrained model); AUC = area under the
              accuracy-vs-step curve over the shared steps (trapezoid) divided by their span, i.e.
              the step-averaged accuracy.
   per group  mean over seeds; "± std" (sample std) only with >= 2 seeds.
   vs base    for each group, the baseline group (`--baseline`, a method name) with the same values of
              every differing key outside method.* and blend.*; runs paired by seed (one seed = the
              same prompts in the same order, the same start); mean paired difference with a
-             two-sided 95% Student-t interval over the seed pairs (n - 1 degrees of freedom). The eval
+             two-sided 95% Student-t interval over the seed pairs (n - 1 degrees of freedom), over
+             the eval steps both groups share (none without a shared trained step; unpaired runs are
+             named). The eval
              problems are held fixed: the interval covers run-to-run variation, not the choice of
              problems (whose binomial standard error the caption gives).
 
@@ -45,7 +49,11 @@ METHOD_ORDER = ("opd", "trb", "fixed", "skd", "veto", "temp_warmup", "sft_warmup
 # keys that never change what a run computes: where it is written, how it is logged or checkpointed,
 # how its resources are planned; device / threads change float rounding only
 BOOKKEEPING = ("output_dir", "resume", "overwrite", "logger", "log_every", "save_every", "keep_last", "plan",
-               "threads", "device")
+               "threads", "device", "parallel", "train.micro_batch_tokens", "train.activation_checkpointing",
+               "rollout.max_rows", "rollout.static_cache", "rollout.compile_step", "rollout.compile_search",
+               "eval_decoding.batch")
+# method knobs only their own method reads (a sweep over one must not split the other methods' runs)
+_KNOB_OWNER = {"method.skd_": "skd", "method.veto_": "veto", "method.temp_": "temp_warmup", "method.sft_": "sft_warmup"}
 # the keys that make a method what it is: a group's baseline may differ from it only in these
 METHOD_KEYS = ("method", "blend")
 KEY_ORDER = ("method.name", "blend.kind")  # label order: these first, the rest alphabetically
@@ -106,7 +114,7 @@ def find_runs(paths: list[Path | str]) -> list[Path]:
     if not out:
         where = ", ".join(map(str, paths))
         raise FileNotFoundError(f"no run dirs (with metrics.jsonl and train_config.json) in {where}")
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(c.resolve() for c in out))  # one run named twice is one run
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:
@@ -125,12 +133,32 @@ def _bookkeeping(key: str) -> bool:
     return any(key == b or key.startswith(b + ".") for b in BOOKKEEPING)
 
 
+def _unused(key: str, flat: dict) -> bool:
+    """A knob this run's method never reads: blend.* without a blend, another method's method.*."""
+    if key.startswith("blend.") and key != "blend.kind" and flat.get("blend.kind", "none") == "none":
+        return True
+    owner = next((m for prefix, m in _KNOB_OWNER.items() if key.startswith(prefix)), None)
+    return owner is not None and flat.get("method.name") != owner
+
+
+def canon(v):
+    """One form per value, so 1 and 1.0 (a Python-built config next to a YAML one) are one setting."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return v
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _ckey(v) -> str:
+    return json.dumps(canon(v))
+
+
 def load_run(path: Path) -> dict:
     cfg = json.loads((path / "train_config.json").read_text())
-    flat = {k: v for k, v in flatten(cfg).items() if not _bookkeeping(k)}
+    flat = {k: canon(v) for k, v in flatten(cfg).items() if not _bookkeeping(k)}
     blend = flat.get("blend.kind", "none")
     if not flat.get("method.name"):  # configs from before the method group: name it from the blend
         flat["method.name"] = {"none": "opd", "constant": "fixed"}.get(blend, "trb")
+    flat = {k: v for k, v in flat.items() if not _unused(k, flat)}
     recs = read_metrics(path)
     evals = {r["step"]: r["eval/accuracy"] for r in recs if r.get("eval/accuracy") is not None}
     eval_meta = next((r for r in reversed(recs) if r.get("eval/accuracy") is not None), {})
@@ -147,11 +175,11 @@ def _key_order(key: str) -> tuple:
 
 def differing_keys(runs: list[dict]) -> list[str]:
     keys = sorted({k for r in runs for k in r["config"]}, key=_key_order)
-    return [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({_ckey(r["config"].get(k)) for r in runs}) > 1]
 
 
 def _show(v) -> str:
-    return "null" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+    return "null" if v is None else (repr(v) if isinstance(v, float) else str(v))  # repr: no two floats alike
 
 
 def group_runs(runs: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
@@ -161,16 +189,19 @@ def group_runs(runs: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
     keys = differing_keys(runs)
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        cells[tuple(json.dumps(r["config"].get(k)) for k in keys)].append(r)
+        cells[tuple(_ckey(r["config"].get(k)) for k in keys)].append(r)
     labelled: dict[str, list[dict]] = {}
     for members in cells.values():
         cohort, parts = runs, []
         for k in keys:
             mine = members[0]["config"].get(k)
-            if len({json.dumps(r["config"].get(k)) for r in cohort}) > 1:
+            if len({_ckey(r["config"].get(k)) for r in cohort}) > 1:
                 parts.append(_show(mine) if k == "method.name" else f"{k}={_show(mine)}")
-                cohort = [r for r in cohort if r["config"].get(k) == mine]
-        labelled[" ".join(parts) or "all runs"] = members
+                cohort = [r for r in cohort if _ckey(r["config"].get(k)) == _ckey(mine)]
+        label = " ".join(parts) or "all runs"
+        if label in labelled:  # cannot happen with canonical values; never merge two groups silently
+            raise ReportError(f"two groups of runs print as {label!r}; report them separately")
+        labelled[label] = members
     for label, members in labelled.items():
         seeds = [r["seed"] for r in members]
         if None in seeds:
@@ -198,7 +229,7 @@ def run_metrics(run: dict, steps: list[int]) -> dict | None:
     if not steps:
         return None
     accs = [run["evals"][s] for s in steps]
-    trained = accs[1:] if len(accs) > 1 else []
+    trained = [a for s, a in zip(steps, accs) if s > 0]  # never the untrained model
     if len(steps) > 1:
         area = sum((b - a) * (x + y) / 2 for a, b, x, y in zip(steps, steps[1:], accs, accs[1:]))
         auc = area / (steps[-1] - steps[0])
@@ -218,8 +249,8 @@ def find_baseline(label: str, groups: dict[str, list[dict]], keys: list[str], ba
     """The baseline group for `label`: method `baseline`, the same values outside method.* / blend.*."""
     others = [k for k in keys if k.split(".")[0] not in METHOD_KEYS]
     mine = groups[label][0]["config"]
-    cands = [lab for lab, rs in groups.items()
-             if rs[0]["method"] == baseline and all(rs[0]["config"].get(k) == mine.get(k) for k in others)]
+    cands = [lab for lab, rs in groups.items() if rs[0]["method"] == baseline
+             and all(_ckey(rs[0]["config"].get(k)) == _ckey(mine.get(k)) for k in others)]
     return cands[0] if len(cands) == 1 else None
 
 
@@ -267,7 +298,9 @@ def paired(runs: list[dict], base: list[dict]) -> dict:
     by_seed = {r["seed"]: r for r in base}
     pairs = [(r, by_seed[r["seed"]]) for r in sorted(runs, key=lambda r: r["seed"]) if r["seed"] in by_seed]
     steps = shared_steps([x for p in pairs for x in p])
-    res: dict = {"seeds": [r["seed"] for r, _ in pairs], "steps": steps}
+    if len(steps) < 2 or steps[-1] <= 0:  # no trained step in common: nothing to compare
+        pairs, steps = [], []
+    res: dict = {"seeds": [r["seed"] for r, _ in pairs], "steps": steps, "unpaired": len(runs) - len(pairs)}
     for m in ("final", "best", "auc"):
         diffs = []
         for r, b in pairs:
@@ -309,7 +342,8 @@ def eval_caption(runs: list[dict]) -> str:
         n = int(r["eval_problems"] or ds.get("eval_size") or 0) or "?"
         how = "greedy" if dec.get("greedy", True) else (f"sampled at T={dec.get('temperature')}, "
                                                         f"top-p {dec.get('top_p')}, n={dec.get('n')}")
-        descs.append(f"{n} held-out {ds.get('name', '?')} problems ({ds.get('split', 'test')} split), {how}, "
+        kind = "held-out toy" if ds.get("name") == "toy" and not ds.get("path") else ds.get("name", "?")
+        descs.append(f"{n} {kind} problems ({ds.get('split', 'test')} split), {how}, "
                      f"up to {dec.get('max_new_tokens')} new tokens")
     uniq = list(dict.fromkeys(descs))
     nums = [r["eval_problems"] for r in runs if r["eval_problems"]]
@@ -333,6 +367,8 @@ def markdown_table(summary: dict[str, dict], baseline: str | None = "opd") -> st
                 row += ["(baseline)"] * 3
             else:
                 row += [_diff(v and v["final"]), _diff(v and v["best"]), _diff(v and v["auc"])]
+                if v and v["unpaired"] and v["final"]["n"]:
+                    row[-3] += f" (n={v['final']['n']} of {len(g['seeds'])})"
         row.append(_ms(g["rollout_reward"]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -374,15 +410,18 @@ def _band(curve: list[dict], band: str):
     return [c["min"] for c in curve], [c["max"] for c in curve]
 
 
-def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str) -> None:
+def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str) -> bool:
     """Small multiples: one panel per group, its seed mean and band, the baseline's in grey."""
-    plt, MaxNLocator = _plt()
     labels = [lab for lab, g in summary.items() if g["curve"]]
+    if not labels:
+        return False
+    plt, MaxNLocator = _plt()
     rows, cols = _grid(len(labels))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.7), sharex=True, sharey=True,
                              squeeze=False)
     for i, label in enumerate(labels):
         ax, g = axes[i // cols][i % cols], summary[label]
+        colour = f"C{list(summary).index(label) % 10}"  # the group's colour in every plot
         base = summary.get(g.get("baseline") or "")
         if base and base is not g and base["curve"]:
             xs = [c["step"] for c in base["curve"]]
@@ -390,9 +429,9 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str)
                     label=f"{g['baseline']} (n={len(base['seeds'])})")
             ax.fill_between(xs, *_band(base["curve"], band), color="0.5", alpha=0.15)
         xs = [c["step"] for c in g["curve"]]
-        ax.plot(xs, [c["mean"] for c in g["curve"]], color=f"C{i % 10}", marker="o", ms=2.5, lw=1.6,
+        ax.plot(xs, [c["mean"] for c in g["curve"]], color=colour, marker="o", ms=2.5, lw=1.6,
                 label=f"{label} (n={len(g['seeds'])})")
-        ax.fill_between(xs, *_band(g["curve"], band), color=f"C{i % 10}", alpha=0.2)
+        ax.fill_between(xs, *_band(g["curve"], band), color=colour, alpha=0.2)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -406,6 +445,7 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str)
     fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def plot_difference(summary: dict[str, dict], path: Path, baseline: str, caption: str) -> bool:
@@ -498,6 +538,12 @@ def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str
         log(f"skipping {len(unfinished)} unfinished run(s) (no summary.json): {', '.join(p.name for p in unfinished)}")
         run_dirs = [p for p in run_dirs if p not in unfinished]
     runs = [load_run(p) for p in run_dirs]
+    no_evals = [r for r in runs if not r["evals"]]
+    if no_evals:
+        if len(no_evals) == len(runs):
+            raise ReportError(f"no eval accuracy in {len(runs)} run(s): nothing to compare (eval_every=0 and steps=0?)")
+        log(f"skipping {len(no_evals)} run(s) without an eval: {', '.join(Path(r['path']).name for r in no_evals)}")
+        runs = [r for r in runs if r["evals"]]
     if baseline and not any(r["method"] == baseline for r in runs):
         log(f"note: no {baseline} runs among these: no differences to a baseline (--baseline METHOD)")
         baseline = None
@@ -511,15 +557,20 @@ def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str
     caption = eval_caption(runs)
     label_of = {p: label for label, g in summary.items() for p in g["runs"]}
     runs_by_label = {label: [r for r in runs if label_of[r["path"]] == label] for label in summary}  # same order
-    plot_accuracy(summary, out / "accuracy.png", band, caption)
+    has_acc = plot_accuracy(summary, out / "accuracy.png", band, caption)
     has_diff = bool(baseline) and plot_difference(summary, out / "difference.png", baseline, caption)
     plot_schedule(runs_by_label, out / "schedule.png", early)
     unmatched = [lab for lab, g in summary.items() if baseline and g.get("baseline") is None]
+    short = [f"{lab} ({len(g['seeds']) - g['vs_baseline']['final']['n']} of {len(g['seeds'])} runs without a "
+             "partner: no baseline run with its seed, or no trained eval step in common)"
+             for lab, g in summary.items() if g.get("vs_baseline") and g["vs_baseline"]["final"]["n"] < len(g["seeds"])]
+    no_common = [lab for lab, g in summary.items() if not g["curve"]]
     notes = [
         f"{caption}.",
         "Runs are grouped by every config key that differs among them except the seed and bookkeeping "
-        f"({', '.join(BOOKKEEPING)}). Start / final = eval accuracy at the first / last step every run of the "
-        "group evaluated; best = the best of those steps after the first (trained checkpoints only); AUC = "
+        f"({', '.join(BOOKKEEPING)}) and the knobs a run's method never reads (blend.* without a blend, another "
+        "method's method.*). Start / final = eval accuracy at the first / last step every run of the "
+        "group evaluated; best = the best of those steps after step 0 (trained checkpoints only); AUC = "
         "area under the accuracy-vs-step curve divided by its span (the step-averaged accuracy). Mean over "
         "seeds, ± sample std where a group has >= 2 seeds.",
     ]
@@ -532,10 +583,14 @@ def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str
             "fixed, so the interval covers run-to-run variation, not the choice of problems.")
         if unmatched:
             notes.append(f"No single {baseline} group to pair with: {', '.join(unmatched)}.")
+        if short:
+            notes.append("Paired on fewer runs than the group holds: " + "; ".join(short) + ".")
+    if no_common:
+        notes.append(f"No eval step shared by all runs of: {', '.join(no_common)} (left out of the plots).")
     notes.append("Rollout reward: mean over all steps of the fraction of training rollouts graded correct "
                  "(not comparable across samplers: TRB, fixed and SKD rollouts are not the student's own).")
-    figs = "![accuracy](accuracy.png)\n\n" + ("![difference](difference.png)\n\n" if has_diff else "") + \
-        "![schedule](schedule.png)\n"
+    figs = (("![accuracy](accuracy.png)\n\n" if has_acc else "")
+            + ("![difference](difference.png)\n\n" if has_diff else "") + "![schedule](schedule.png)\n")
     (out / "report.md").write_text(
         f"# trb report\n\n{len(runs)} runs from {', '.join(map(str, paths))}\n\n{table}\n\n"
         + "\n\n".join(notes) + "\n\n" + figs)
