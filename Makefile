@@ -38,7 +38,7 @@ toy: install
 
 # the testbed comparison, both regimes (robust teacher, teacher=toy_clean), five methods x five seeds,
 # 40 steps each (the warmup phase, K = 25, and 15 steps after) with 1,000-problem evals at 0 / 20 / 40,
-# then the reports (~50 min on one core)
+# then the reports (~40 min here: 19 min 53 s + 16 min 33 s on 2026-12-02)
 COMPARE_DIR ?= outputs/multirun/compare
 COMPARE_ARGS = method=opd,trb,fixed,skd,sft_warmup seed=0,1,2,3,4 steps=40 eval_every=20 \
 	eval_decoding.batch=250 logger.kind=none
