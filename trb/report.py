@@ -163,10 +163,8 @@ def load_run(path: Path) -> dict:
     evals = {r["step"]: r["eval/accuracy"] for r in recs if r.get("eval/accuracy") is not None}
     eval_meta = next((r for r in reversed(recs) if r.get("eval/accuracy") is not None), {})
     steps = {r["step"]: r for r in recs if "loss" in r}
-    return {"path": str(path), "config": flat, "method": flat["method.name"], "schedule": blend,
-            "seed": flat.pop("seed", None), "evals": evals, "steps": steps,
-            "eval_problems": eval_meta.get("eval/problems"), "eval_samples": eval_meta.get("eval/samples_per_problem"),
-            "raw_config": cfg}
+    return {"path": str(path), "config": flat, "method": flat["method.name"], "seed": flat.pop("seed", None),
+            "evals": evals, "steps": steps, "eval_problems": eval_meta.get("eval/problems"), "raw_config": cfg}
 
 
 def _key_order(key: str) -> tuple:
@@ -301,12 +299,9 @@ def paired(runs: list[dict], base: list[dict]) -> dict:
     if len(steps) < 2 or steps[-1] <= 0:  # no trained step in common: nothing to compare
         pairs, steps = [], []
     res: dict = {"seeds": [r["seed"] for r, _ in pairs], "steps": steps, "unpaired": len(runs) - len(pairs)}
+    metrics = [(run_metrics(r, steps), run_metrics(b, steps)) for r, b in pairs]
     for m in ("final", "best", "auc"):
-        diffs = []
-        for r, b in pairs:
-            mr, mb = run_metrics(r, steps), run_metrics(b, steps)
-            if mr and mb and mr[m] is not None and mb[m] is not None:
-                diffs.append(mr[m] - mb[m])
+        diffs = [mr[m] - mb[m] for mr, mb in metrics if mr[m] is not None and mb[m] is not None]
         res[m] = {**t_interval(diffs), "diffs": diffs}
     res["curve"] = [{"step": s, **t_interval([r["evals"][s] - b["evals"][s] for r, b in pairs])} for s in steps]
     return res
@@ -394,14 +389,32 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def _hide_unused(axes, used: int, rows: int, cols: int) -> None:
-    """Hide the grid's empty panels; the lowest panel of every column carries the step axis."""
-    for j in range(used, rows * cols):
-        axes[j // cols][j % cols].set_visible(False)
-    for c in range(cols):
-        r = max(r for r in range(rows) if r * cols + c < used) if c < used else 0
-        axes[r][c].xaxis.set_tick_params(labelbottom=True)
-        axes[r][c].set_xlabel("optimiser step")
+def _panels(n: int, height: float):
+    """A grid of n small panels sharing both axes, with integer step ticks: (plt, fig, axes in order)."""
+    plt, MaxNLocator = _plt()
+    rows, cols = _grid(n)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.6 * cols, height * rows + 0.7), sharex=True, sharey=True,
+                             squeeze=False)
+    for j in range(n, rows * cols):
+        grid[j // cols][j % cols].set_visible(False)
+    for c in range(cols):  # the lowest panel of every column carries the step axis
+        r = max(r for r in range(rows) if r * cols + c < n) if c < n else 0
+        grid[r][c].xaxis.set_tick_params(labelbottom=True)
+        grid[r][c].set_xlabel("optimiser step")
+    axes = [grid[j // cols][j % cols] for j in range(n)]
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return plt, fig, grid, axes
+
+
+def _save_panels(plt, fig, grid, path: Path, ylabel: str, caption: str) -> None:
+    for row in grid:
+        row[0].set_ylabel(ylabel)
+    fig.text(0.01, 0.005, caption, fontsize=7, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.06 if len(grid) == 1 else 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _band(curve: list[dict], band: str):
@@ -415,12 +428,9 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str)
     labels = [lab for lab, g in summary.items() if g["curve"]]
     if not labels:
         return False
-    plt, MaxNLocator = _plt()
-    rows, cols = _grid(len(labels))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.7), sharex=True, sharey=True,
-                             squeeze=False)
-    for i, label in enumerate(labels):
-        ax, g = axes[i // cols][i % cols], summary[label]
+    plt, fig, grid, axes = _panels(len(labels), 2.9)
+    for ax, label in zip(axes, labels):
+        g = summary[label]
         colour = f"C{list(summary).index(label) % 10}"  # the group's colour in every plot
         base = summary.get(g.get("baseline") or "")
         if base and base is not g and base["curve"]:
@@ -433,18 +443,9 @@ def plot_accuracy(summary: dict[str, dict], path: Path, band: str, caption: str)
                 label=f"{label} (n={len(g['seeds'])})")
         ax.fill_between(xs, *_band(g["curve"], band), color=colour, alpha=0.2)
         ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="lower right")
-    _hide_unused(axes, len(labels), rows, cols)
-    for row in axes:
-        row[0].set_ylabel("eval accuracy")
     band_txt = "±1 std over seeds" if band == "std" else "min..max over seeds"
-    fig.text(0.01, 0.005, f"{caption}. Line: mean over seeds; band: {band_txt}.", fontsize=7, wrap=True,
-             va="bottom")
-    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_panels(plt, fig, grid, path, "eval accuracy", f"{caption}. Line: mean over seeds; band: {band_txt}.")
     return True
 
 
@@ -453,12 +454,8 @@ def plot_difference(summary: dict[str, dict], path: Path, baseline: str, caption
     items = [(lab, g) for lab, g in summary.items() if g.get("vs_baseline") and g["vs_baseline"]["curve"]]
     if not items:
         return False
-    plt, MaxNLocator = _plt()
-    rows, cols = _grid(len(items))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows + 0.7), sharex=True, sharey=True,
-                             squeeze=False)
-    for i, (label, g) in enumerate(items):
-        ax = axes[i // cols][i % cols]
+    plt, fig, grid, axes = _panels(len(items), 2.7)
+    for ax, (label, g) in zip(axes, items):
         cur = g["vs_baseline"]["curve"]
         xs = [c["step"] for c in cur]
         colour = f"C{list(summary).index(label) % 10}"
@@ -468,17 +465,9 @@ def plot_difference(summary: dict[str, dict], path: Path, baseline: str, caption
         if all(c["lo"] is not None for c in cur):
             ax.fill_between(xs, [c["lo"] for c in cur], [c["hi"] for c in cur], color=colour, alpha=0.2)
         ax.set_title(f"{label} − {g['baseline']}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
-    _hide_unused(axes, len(items), rows, cols)
-    for row in axes:
-        row[0].set_ylabel(f"accuracy − {baseline}")
-    fig.text(0.01, 0.005, f"{caption}. Paired by seed; band: 95% t-interval over seed pairs.", fontsize=7,
-             wrap=True, va="bottom")
-    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_panels(plt, fig, grid, path, f"accuracy − {baseline}",
+                 f"{caption}. Paired by seed; band: 95% t-interval over seed pairs.")
     return True
 
 
