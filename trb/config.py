@@ -261,7 +261,7 @@ class DecodingConfig:
     top_p: float = 1.0  # nucleus sampling mass (paper: 1.0)
     n: int = 1  # samples per problem (paper: 32 GSM8K, 64 MATH-500)
     max_new_tokens: int = 48  # completion cap (paper: 8192)
-    batch: int = 64  # sequences decoded together
+    batch: int = 64  # sequences per wave (hf: decoded together; vllm: submitted together, max_num_seqs at a time)
     ks: list[int] = field(default_factory=lambda: [1])  # pass@k / maj@k reported for each k <= n
     seed: int = 0  # sampling seed
 
@@ -280,6 +280,35 @@ class DecodingConfig:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ENGINES = ("auto", "hf", "vllm")
+
+
+@dataclass
+class EngineConfig:
+    """The engine of every student-only decode (trb eval, the periodic eval, rollouts whose sampler
+    needs no teacher); samplers that need the teacher keep trb's dual-model decoder."""
+
+    kind: str = "auto"  # auto (vllm where it is installed and the device is CUDA, else hf) | hf (trb's decoder) | vllm
+    gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of the GPU's memory the engine takes (weights + KV cache)
+    kv_cache_gb: float = 0.0  # vllm: KV cache space in GiB (0: from gpu_memory_utilization on CUDA; 1 GiB on CPU)
+    max_num_seqs: int = 256  # vllm: most sequences decoded together
+    max_model_len: int = 0  # vllm: longest prompt + completion in tokens (0: the prompt cap + max_new_tokens)
+    tensor_parallel_size: int = 1  # vllm: GPUs one engine spans (trb eval; trb train runs one engine per rank)
+    prefix_caching: bool = True  # vllm: reuse the KV cache of shared prompt prefixes (reset after every weight push)
+    enforce_eager: Optional[bool] = None  # vllm: no CUDA graphs / compilation (null: true on CPU, false on CUDA)
+    sleep: bool = True  # vllm on CUDA: free its KV cache and weights while the teacher scores and the student updates
+
+    def __post_init__(self) -> None:
+        _finite(self, "engine.")
+        _check(self.kind in ENGINES, f"engine.kind must be one of {', '.join(ENGINES)}; got {self.kind!r} "
+                                     f"(or pick the group: engine=auto|hf|vllm)")
+        _check(0 < self.gpu_memory_utilization <= 1,
+               f"engine.gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        _check(self.kv_cache_gb >= 0, f"engine.kv_cache_gb must be >= 0; got {self.kv_cache_gb}")
+        _check(self.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1; got {self.max_num_seqs}")
+        _check(self.max_model_len >= 0, f"engine.max_model_len must be >= 0; got {self.max_model_len}")
+        _check(self.tensor_parallel_size >= 1,
+               f"engine.tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
 
 
 @dataclass
@@ -343,6 +372,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: StepConfig = field(default_factory=StepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # student-only rollouts (eps = 0) and the periodic eval
     steps: int = 600  # optimiser steps (one rollout batch each)
     prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
     eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
@@ -379,6 +409,9 @@ class TrainConfig:
         _check(self.parallel.teacher != "shard" or not self.rollout.max_rows,
                "parallel.teacher=shard decodes in lockstep across ranks, whose waves would differ: use "
                "rollout.max_rows=0 with it (or parallel.teacher=replicate)")
+        _check(self.engine.tensor_parallel_size == 1,
+               "trb train runs one engine per process (data parallel, like the trainer): engine.tensor_parallel_size "
+               "must be 1 (it is for trb eval)")
         _check(self.parallel.teacher != "shard" or self.rollout.draft_k == 0,
                "parallel.teacher=shard runs the per-token decoder in lockstep across ranks; speculative sampling "
                "(rollout.draft_k > 0) needs parallel.teacher=replicate")
@@ -462,6 +495,7 @@ class EvalConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the decoder: trb's (hf) or vLLM
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="eval"))
     grader_workers: int = 1  # math-verify worker processes
     max_prompt_tokens: int = 4096  # longer prompts are skipped and counted (eval/skipped_too_long)

@@ -86,7 +86,11 @@ def init(device: str = "auto") -> World:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # NCCL for CUDA tensors, gloo for CPU ones (device=cpu on a GPU machine, CPU-side reductions)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        _OWN[0] = True
     return current()
+
+
+_OWN = [False]  # whether trb created the process group (an in-process vLLM engine makes its own one-rank group)
 
 
 def current() -> World:
@@ -98,10 +102,11 @@ def current() -> World:
 def finish(barrier: bool = True) -> None:
     """Leave the process group: barrier first (without it about one run in seven aborts at exit;
     barrier=False after an error, when the other ranks may never reach it)."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and (_OWN[0] or launched()):
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+        _OWN[0] = False
 
 
 def shared_now() -> datetime:

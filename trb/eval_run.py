@@ -11,12 +11,15 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from trb.checkpoint import checkpoint_step, list_checkpoints
 from trb.config import EvalConfig, ModelConfig
-from trb.data import fit_prompts, load_rows
+from trb.data import fit_prompts, load_rows, render
 from trb.evaluate import evaluate
 from trb.grading import Grader
-from trb.models import ModelLoadError, load_model, prepare_run, stop_spec
+from trb.engine import make_engine, resolve_kind
+from trb.models import ModelLoadError, load_model, prepare_run, resolve_path, stop_spec
 from trb.tracking import Tracker
 
 
@@ -42,23 +45,36 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
     checkpoints = resolve_checkpoints(cfg.checkpoint)
     rows = load_rows(cfg.dataset, cfg.seed, role="eval")
     n_seq = len(rows) * cfg.decoding.n
-    log(f"trb eval: {len(checkpoints)} checkpoint(s) x {len(rows)} problems x n={cfg.decoding.n} on {device}")
+    kind = resolve_kind(cfg.engine.kind, device)
+    log(f"trb eval: {len(checkpoints)} checkpoint(s) x {len(rows)} problems x n={cfg.decoding.n} on {device} "
+        f"({'vLLM' if kind == 'vllm' else 'trb decoder'})")
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
     results = []
     from tqdm import tqdm
 
     with Grader(workers=cfg.grader_workers) as grader:
         for idx, ckpt in enumerate(checkpoints):
-            model, tok = load_model(ModelConfig(path=ckpt, dtype=cfg.dtype), "checkpoint", device, setting="checkpoint")
+            mcfg = ModelConfig(path=ckpt, dtype=cfg.dtype)
+            # with vLLM the transformers copy only gives the tokenizer, the stop ids and (to a running
+            # engine) the weights: it stays on the CPU
+            model, tok = load_model(mcfg, "checkpoint", device if kind == "hf" else torch.device("cpu"),
+                                    setting="checkpoint")
             rows_k, too_long = fit_prompts(tok, rows, cfg.prompt, cfg.max_prompt_tokens)
             if not rows_k:
                 raise ValueError(f"no problem's prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
             if too_long:
                 log(f"warning: {too_long} of {len(rows)} problems have prompts over max_prompt_tokens="
                     f"{cfg.max_prompt_tokens} tokens and are skipped (eval/skipped_too_long)")
+            t0 = time.time()
+            max_len = cfg.engine.max_model_len
+            if kind == "vllm" and not max_len:  # the longest prompt kept + the completion cap
+                max_len = cfg.decoding.max_new_tokens + max(len(p) for p in tok(
+                    [render(tok, r["question"], cfg.prompt) for r in rows_k], add_special_tokens=False)["input_ids"])
+            # a running engine gets this checkpoint's weights pushed (version None: always); a new one loads them
+            engine = make_engine(kind, model, resolve_path(mcfg, "checkpoint"), model.dtype, cfg.engine, max_len,
+                                 cfg.seed, device, trust_remote_code=mcfg.trust_remote_code, log=log)
             with tqdm(total=n_seq, desc=Path(ckpt).name, dynamic_ncols=True, disable=None) as bar:
-                t0 = time.time()
-                metrics, samples = evaluate(model, tok, rows_k, stop_spec(model, tok), grader, cfg.prompt,
+                metrics, samples = evaluate(engine, tok, rows_k, stop_spec(model, tok), grader, cfg.prompt,
                                             cfg.decoding, progress=bar.update)
             metrics["eval/seconds"] = time.time() - t0
             metrics["eval/skipped_too_long"] = too_long

@@ -17,7 +17,7 @@ from trb.config import DecodingConfig
 from trb.data import render
 from trb.grading import Grader
 from trb.blend import RowNoise
-from trb.rollout import Sampler, StopSpec, rollout
+from trb.rollout import Sampler, StopSpec
 
 
 def encode_prompts(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +66,10 @@ def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> bool:
     return any(ok for a, ok in zip(answers[:k], correct[:k]) if a == winner)
 
 
-def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, prompt, decoding: DecodingConfig,
+def evaluate(engine, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader, prompt, decoding: DecodingConfig,
              progress=None, problem_ids: list[int] | None = None) -> tuple[dict, list[dict]]:
-    """Decode n completions per row, grade them, and aggregate.
+    """Decode n completions per row with `engine` (trb.engine: trb's decoder or vLLM; a plain model
+    means trb's decoder on it), grade them, and aggregate.
 
     Each prompt is prefilled once for its n samples (prefix sharing; once per group of
     decoding.batch samples when decoding.batch < n); at most decoding.batch rows decode together,
@@ -82,9 +83,11 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
     """
     if not rows:
         return {}, []
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    if isinstance(engine, torch.nn.Module):
+        from trb.engine import HFEngine
+
+        engine = HFEngine(engine)
+    device = engine.device if engine.name == "vllm" else next(engine.model.parameters()).device
     problem_ids = list(range(len(rows))) if problem_ids is None else list(problem_ids)
     sampler = Sampler("student", temperature=decoding.temperature, top_p=decoding.top_p, greedy=decoding.greedy)
     prompts = [render(tokenizer, r["question"], prompt) for r in rows]
@@ -98,8 +101,8 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
         chunk = [(i, j) for i in idx for j in range(n)]
         ids, mask = encode_prompts(tokenizer, [prompts[i] for i in idx], device)
         noise = RowNoise(decoding.seed, [problem_ids[i] * n + j for i, j in chunk], device)
-        ro = rollout(model, None, ids, mask, max_new_tokens=decoding.max_new_tokens, sampler=sampler, stop=stop,
-                     generator=noise, n=n, max_rows=decoding.batch)
+        ro = engine.sample(ids, mask, n=n, max_new_tokens=decoding.max_new_tokens, sampler=sampler, stop=stop,
+                           noise=noise, max_rows=decoding.batch)
         texts = decode_completions(tokenizer, ro.tokens, ro.response_mask)
         golds = [rows[i]["gold"] for i, _ in chunk]
         judged = grader.judge(texts, [g if g is not None else "" for g in golds])
@@ -114,7 +117,6 @@ def evaluate(model, tokenizer, rows: list[dict], stop: StopSpec, grader: Grader,
         if progress is not None:
             progress(len(chunk))
     seconds = time.time() - t0
-    model.train(was_training)
     return aggregate(rows, samples, decoding, seconds, gen_tokens, grader.stats.timeouts - timeouts0), samples
 
 

@@ -529,6 +529,35 @@ def score_micro_batch(teacher, ro: Rollout, mb: MicroBatch, stop: StopSpec) -> t
 
 
 @torch.no_grad()
+def student_records(model, ro: Rollout, sampler: Sampler, stop: StopSpec, micro_batch_tokens: int = 0,
+                    chunk: int = 1024) -> None:
+    """The student's records of a rollout sampled elsewhere (an inference engine): log pi_S(y_t) at
+    temperature 1, log mu(y_t) of the student-only sampler (temperature, nucleus) and KL(mu || pi_S)
+    at every completion position, exactly as trb's decoder records them (shared vocabulary,
+    canonical EOS), from one forward of `model` over the finished sequences, a micro-batch of at
+    most `micro_batch_tokens` padded tokens and `chunk` positions of vocabulary at a time."""
+    was_training = model.training
+    model.eval()
+    head = model.get_output_embeddings()
+    for mb in split(ro, micro_batch_tokens, stop.pad_id):
+        hidden = response_hidden(model, mb)
+        tokens = ro.tokens[mb.rows, mb.cols]
+        parts = []
+        for i in range(0, hidden.shape[0], chunk):
+            s = _logprobs(head(hidden[i : i + chunk]), stop)
+            log_mu = _student_step(s, None, sampler, None).log_mu
+            tok = tokens[i : i + chunk, None]
+            kl = kl_divergence(log_mu, s) if log_mu is not s else torch.zeros(s.shape[0], device=s.device)
+            parts.append(torch.stack([s.gather(-1, tok)[:, 0], log_mu.gather(-1, tok)[:, 0], kl.float()]))
+        if parts:
+            s_lp, mu_lp, kl = torch.cat(parts, 1)
+            ro.student_logp[mb.rows, mb.cols] = s_lp.to(ro.student_logp.dtype)
+            ro.behavior_logp[mb.rows, mb.cols] = mu_lp.to(ro.behavior_logp.dtype)
+            ro.kl[mb.rows, mb.cols] = kl.to(ro.kl.dtype)
+    model.train(was_training)
+
+
+@torch.no_grad()
 def teacher_scores(teacher, ro: Rollout, stop: StopSpec, micro_batch_tokens: int = 0) -> None:
     """Teacher log-probs and entropies of a rollout's tokens (for samplers that did not decode with
     the teacher), one micro-batch of at most `micro_batch_tokens` padded tokens at a time."""

@@ -28,6 +28,7 @@ import json
 import math
 import random
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,9 @@ from trb.grading import Grader
 from trb.losses import Estimator, Target, chunked_distill_loss, chunked_nll_loss
 from trb.methods import Method
 from trb.microbatch import MicroBatch, Sequences, filler, response_hidden, split
-from trb.models import check_pair, load_model, prepare_run
-from trb.rollout import Sampler, rollout, score_micro_batch
+from trb.engine import make_engine, resolve_kind, serves
+from trb.models import check_pair, load_model, prepare_run, resolve_path
+from trb.rollout import Sampler, rollout, score_micro_batch, student_records
 from trb.tracking import Tracker
 
 
@@ -175,6 +177,8 @@ class _Run:
     device: torch.device
     method: Method
     estimator: Estimator
+    engine: object = None  # trb.engine: trb's decoder (hf) or vLLM, for the student-only decodes
+    version: tuple = ()  # (this run, optimiser steps taken): which weights the engine must hold
 
     def tracker_wants_table(self, step: int) -> bool:
         """Rank 0 with W&B on logs a table of training completions every logger.table_every steps."""
@@ -215,6 +219,15 @@ class _Run:
     def refresh_policy(self) -> None:
         if self.policy is not self.objective.student:
             distributed.copy_full_params(self.objective.student, self.policy)
+
+    @property
+    def vllm(self) -> bool:
+        return getattr(self.engine, "name", "hf") == "vllm"
+
+    def sync_engine(self) -> float:
+        """The engine gets the current weights (pushed from the trained student, FSDP2 shards one tensor at a
+        time; a collective under torchrun, which every rank reaches at the same step); seconds spent."""
+        return self.engine.sync(self.objective.student, self.version) if self.vllm else 0.0
 
 
 def distill_loss(run: _Run, ro, target: Target):
@@ -286,6 +299,7 @@ def update(run: _Run, seqs: Sequences, make_loss, step: int) -> Update:
                                  f"tensors): training stopped; the checkpoints written so far are intact (lower "
                                  f"optim.lr, check the models' dtypes, or resume from the last one)")
     run.refresh_policy()
+    run.version = (run.version[0], step + 1) if run.version else ()
     return Update(global_loss, global_value, gnorm, t_teacher, time.time() - t0 - t_teacher, n_mb, widest)
 
 
@@ -355,13 +369,24 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
     rows, ids, mask, noise = batch
     golds = [r["gold"] for r in rows for _ in range(cfg.rollout.n)]
 
-    # 1. rollouts under the behaviour policy (each prompt prefilled once for its n samples)
+    # 1. rollouts under the behaviour policy (each prompt prefilled once for its n samples): the engine
+    # when the sampler needs no teacher and the engine is vLLM, else trb's (dual-model) decoder
     run.policy.eval()
     sampler = run.method.sampler(step)
-    ro = rollout(run.policy, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
-                 stop=stop, generator=noise, n=cfg.rollout.n, lockstep=run.lockstep,
-                 static_cache=cfg.rollout.static_cache, compile_step=cfg.rollout.compile_step,
-                 max_rows=cfg.rollout.max_rows)
+    on_engine = run.vllm and serves(sampler)
+    t_push = 0.0
+    if on_engine:
+        t_push = run.sync_engine()
+        ro = run.engine.sample(ids, mask, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
+                               sampler=sampler, stop=stop, noise=noise)
+        run.engine.sleep()  # CUDA: its KV cache and weights are freed for the teacher and the update
+        if not run.engine.exact_records(sampler, stop):  # temperature / nucleus / several stop ids
+            student_records(run.policy, ro, sampler, stop, cfg.train.micro_batch_tokens)
+    else:
+        ro = rollout(run.policy, teacher, ids, mask, max_new_tokens=cfg.rollout.max_new_tokens, sampler=sampler,
+                     stop=stop, generator=noise, n=cfg.rollout.n, lockstep=run.lockstep,
+                     static_cache=cfg.rollout.static_cache, compile_step=cfg.rollout.compile_step,
+                     max_rows=cfg.rollout.max_rows)
     t_roll = time.time()
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     graded, table = all(g is not None for g in golds), run.tracker_wants_table(step)
@@ -391,14 +416,16 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
         **rollout_metrics(ro, rewards, sampler.eps, effective_temperature(sampler)),
         "veto/b": target.veto_b,
         "sft/active": 0.0,
+        "rollout/engine_vllm": float(on_engine),  # which decoder sampled this step (1: vLLM, 0: trb's)
+        "time/weight_push": t_push,
         "train/micro_batches": up.micro_batches,
         "train/max_micro_batch_tokens": up.max_padded_tokens,
-        "time/rollout": t_roll - t0,
+        "time/rollout": t_roll - t0 - t_push,
         "time/grade": t_grade - t_roll,
         "time/teacher": up.t_teacher,
         "time/update": up.t_student,
         "time/step": t_end - t0,
-        "throughput/rollout_tok_s": n_tok / max(t_roll - t0, 1e-9),
+        "throughput/rollout_tok_s": n_tok / max(t_roll - t0 - t_push, 1e-9),
         "throughput/train_tok_s": seq_tokens / max(t_end - t_grade, 1e-9),
     }, too_long=too_long, samples=samples)
 
@@ -607,6 +634,16 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         state = load_trainer_state(resume_from)
         start, skipped_long = int(state["step"]), int(state.get("skipped_long", 0))
         distributed.load_optimizer_state(objective, opt, state["optimizer"])
+    # the engine of the student-only decodes; vLLM starts from the folder the student's weights came from
+    # (the checkpoint on resume), in the rollout copy's dtype
+    version = (uuid.uuid4().hex, start)
+    kind = resolve_kind(cfg.engine.kind, device, setting="engine")
+    max_len = cfg.engine.max_model_len or cfg.rollout.max_prompt_tokens + max(cfg.rollout.max_new_tokens,
+                                                                              cfg.eval_decoding.max_new_tokens)
+    engine = make_engine(kind, policy, str(resume_from) if resume_from is not None else
+                         resolve_path(cfg.student, "student"), policy.dtype, cfg.engine, max_len, cfg.seed, device,
+                         version=version, trust_remote_code=cfg.student.trust_remote_code,
+                         distributed=world.distributed, log=log)
     if world.main:  # the first write into the run dir
         moved = claim.commit()
         if moved is not None:
@@ -619,7 +656,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name) if world.main else None
     method = Method(cfg.method, cfg.blend, cfg.rollout.temperature, cfg.rollout.draft_k)
     run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, Grader(workers=1), gen, device, method,
-               Estimator.from_config(cfg.loss))
+               Estimator.from_config(cfg.loss), engine, version)
     sft_pool = build_sft_pool(run, train_rows, log) if method.sft(start) else []
     if state is not None:  # after every deterministic rebuild above: the RNG streams as saved
         restore_rng(state)
@@ -768,6 +805,8 @@ def finish(s: _Session, log) -> dict:
         "steps": cfg.steps,
         "processes": world.size,
         "rollout_copy": copy_info,
+        "engine": {"kind": getattr(run.engine, "name", "hf"), "pushes": getattr(run.engine, "pushes", 0),
+                   "push_seconds": getattr(run.engine, "push_seconds", 0.0)},
         "replica_sha256": replicas,
         "teacher_params": {"total": sum(p.numel() for p in teacher.parameters()),  # held by rank 0 (sharded: less)
                            "rank0": sum((p.to_local() if isinstance(p, DTensor) else p).numel()
@@ -810,15 +849,25 @@ def _quiet(*_args, **_kwargs) -> None:
 def evaluate_sharded(run: _Run, rows: list[dict], progress=None) -> dict:
     """The periodic eval: problems split round-robin across ranks, graded samples gathered and
     aggregated on rank 0 (other ranks return {})."""
+    decoder = run.engine if run.vllm else run.policy
+    run.sync_engine()
+    try:
+        return _evaluate_sharded(run, decoder, rows, progress)
+    finally:
+        if run.vllm:
+            run.engine.sleep()
+
+
+def _evaluate_sharded(run: _Run, decoder, rows: list[dict], progress=None) -> dict:
     world, cfg = run.world, run.cfg
     if not world.distributed:
-        res, _ = evaluate(run.policy, run.tok, rows, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
+        res, _ = evaluate(decoder, run.tok, rows, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
                           progress=progress)
         return res
     t0 = time.time()
     timeouts0 = run.grader.stats.timeouts
     mine = rows[world.rank :: world.size]
-    _, samples = evaluate(run.policy, run.tok, mine, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
+    _, samples = evaluate(decoder, run.tok, mine, run.stop, run.grader, cfg.prompt, cfg.eval_decoding,
                           problem_ids=list(range(len(rows)))[world.rank :: world.size],
                           progress=(lambda k: progress(k * world.size)) if progress else None)  # rank 0's share
     for s in samples:  # local problem index -> global
