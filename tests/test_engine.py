@@ -291,9 +291,8 @@ def test_records_rescored_equal_engine_logprobs_and_several_stop_ids(toy):
         p = len(seq) - int(ro_w.response_mask[i].sum())
         lp = _true_logprobs(model, seq)[p - 1 : -1]
         mu = torch.log_softmax(lp / 0.8, -1)
-        toks = torch.tensor(seq[p:])
-        assert (ro_w.behavior_logp[i][ro_w.response_mask[i]].double() - mu.gather(-1, toks[:, None])[:, 0]).abs().max() \
-            <= 1e-4
+        want = mu.gather(-1, torch.tensor(seq[p:])[:, None])[:, 0]
+        assert (ro_w.behavior_logp[i][ro_w.response_mask[i]].double() - want).abs().max() <= 1e-4
         kl = (mu.exp() * (mu - lp)).sum(-1)
         assert (ro_w.kl[i][ro_w.response_mask[i]].double() - kl).abs().max() <= 1e-4
     # two stop ids: <|im_end|> (2) also ends a sample; recorded as the emit id
@@ -420,3 +419,36 @@ def test_eval_vllm_matches_hf_within_sampling_error(tmp_path):
     se = d.std(ddof=1) / np.sqrt(len(d))
     assert abs(d.mean()) <= 3 * se + 1e-9, (d.mean(), se)
     assert abs(out["vllm"]["results"][0]["metrics"]["eval/pass@1"] - per["vllm"].mean()) < 1e-9
+
+
+@needs_vllm
+def test_cli_train_then_eval_with_vllm(tmp_path):
+    """`trb train engine=vllm` and `trb eval engine=vllm` from the command line on the toy: every OPD step
+    sampled by vLLM, the checkpoints scored by vLLM (one engine for both checkpoints of the run)."""
+    from helpers import cli
+
+    run = tmp_path / "run"
+    r = cli(["train", "engine=vllm", "method=opd", "steps=2", "save_every=1", "eval_every=0", "prompts_per_step=4",
+             "rollout.n=2", "dataset.eval_size=20", "logger.kind=none", f"output_dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vLLM engine started" in r.stdout
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["rollout/engine_vllm"] for x in recs if "loss" in x] == [1.0, 1.0]
+    assert json.loads((run / "summary.json").read_text())["engine"]["kind"] == "vllm"
+    r = cli(["eval", "engine=vllm", f"checkpoint={run}", "dataset.eval_size=20", "logger.kind=none",
+             f"output_dir={tmp_path / 'ev'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("vLLM engine started") == 1  # the second checkpoint's weights were pushed
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert [x["step"] for x in res["results"]] == [1, 2] and res["config"]["engine"]["kind"] == "vllm"
+    assert all(0 <= x["metrics"]["eval/pass@1"] <= 1 for x in res["results"])
+
+
+def test_cli_engine_refusals(tmp_path):
+    from helpers import cli
+
+    r = cli(["train", "engine=vllm", "engine.tensor_parallel_size=2", f"output_dir={tmp_path / 'a'}"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "engine.tensor_parallel_size must be 1" in r.stderr
+    assert not (tmp_path / "a").exists()
+    r = cli(["eval", "engine=sglang", f"output_dir={tmp_path / 'b'}"], cwd=tmp_path)
+    assert r.returncode != 0 and not (tmp_path / "b" / "results.json").exists()

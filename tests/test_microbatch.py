@@ -23,6 +23,7 @@ from trb.distributed import World
 from trb.losses import Estimator
 from trb.methods import Method
 from trb.microbatch import Sequences, group_rows, pack
+from trb.models import activation_checkpointing
 from trb.rollout import Sampler, StopSpec, rollout, teacher_scores
 from trb.train import StudentObjective, _Run, opd_step, sft_step
 
@@ -90,9 +91,9 @@ def _run(student, teacher, tok, *, budget=0, estimator="topk", method="trb", che
                       logger=LoggerConfig(kind="none"), optim=OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=0.0))
     student = student.train()
     if checkpointing:
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing(student)
     else:
-        student.activation_checkpointing_disable()
+        activation_checkpointing(student, False)
     objective = StudentObjective(student)
     return _Run(cfg, World(), objective, student, teacher, tok, Capture(objective.parameters()), _stop(tok, teacher),
                 None, torch.Generator().manual_seed(0), torch.device("cpu"),
@@ -157,7 +158,7 @@ def test_activation_checkpointing_changes_no_gradient(models):
     g_plain, _ = _grads(_run(student, teacher, tok, budget=100), ro)
     g_ckpt, _ = _grads(_run(student, teacher, tok, budget=100, checkpointing=True), ro)
     assert max(float((a - b).abs().max()) for a, b in zip(g_plain, g_ckpt)) < 1e-6
-    student.activation_checkpointing_disable()
+    activation_checkpointing(student, False)
 
 
 def test_teacher_scoring_with_and_without_micro_batches_and_no_kv_cache(models, monkeypatch):

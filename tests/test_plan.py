@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from helpers import cli
-from trb.config import StepConfig, TrainConfig
+from trb.config import EngineConfig, StepConfig, TrainConfig
 from trb.plan import ACT_AUTOCAST, ACT_FP32, Shape, plan_memory
 
 
@@ -120,7 +120,8 @@ def test_row_bound_and_bf16_copy_bound_the_decoding_phases():
     sizes = {}
     for prompts in (8, 32):
         for max_rows, dtype in ((0, "auto"), (8, "auto"), (8, "bfloat16")):
-            cfg = TrainConfig(prompts_per_step=prompts, rollout=RolloutConfig(max_rows=max_rows, dtype=dtype))
+            cfg = TrainConfig(prompts_per_step=prompts, rollout=RolloutConfig(max_rows=max_rows, dtype=dtype),
+                              engine=EngineConfig(kind="hf"))  # trb's decoder (vLLM's terms: the test below)
             p = plan_memory(cfg, world_size=1, device_gb=80)
             sizes[prompts, max_rows, dtype] = p.phases["student_rollout"]["student KV cache"]
     assert sizes[8, 8, "auto"] == sizes[32, 8, "auto"]  # flat in the local rows at a fixed bound
@@ -129,11 +130,17 @@ def test_row_bound_and_bf16_copy_bound_the_decoding_phases():
 
 
 def test_plan_of_the_toy_default_fits_and_exits_0(tmp_path):
-    r = cli(["plan", f"output_dir={tmp_path}"], cwd=tmp_path)
+    r = cli(["plan", "engine=hf", f"output_dir={tmp_path}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["fits"] and plan["world_size"] == 1 and plan["peak_gb"] < 1
     assert "peak" in r.stdout and "fits" in r.stdout
+    # with vLLM (engine=vllm, or auto where it is installed) the engine takes its share of the device
+    r = cli(["plan", "engine=vllm", f"output_dir={tmp_path / 'v'}"], cwd=tmp_path)
+    plan = json.loads((tmp_path / "v" / "plan.json").read_text())
+    assert plan["engine"] == "vllm" and any(k.startswith("vLLM engine (") and v == 24 for k, v in
+                                            plan["terms"]["eval"].items())
+    assert "vLLM KV space" in r.stdout
 
 
 def test_plan_without_a_shape_names_the_setting(tmp_path):
@@ -155,3 +162,25 @@ def test_train_on_a_gpu_refuses_a_run_that_cannot_fit_before_loading_anything(tm
             cwd=tmp_path)
     assert r.returncode == 2 and "the memory plan does not fit" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and time.time() - t0 < 60
+
+
+def test_plan_vllm_engine_terms():
+    """engine=vllm: the engine's budget in the student-only decoding phases instead of trb's KV cache and
+    temporaries, a sleeping engine's estimate elsewhere (its full budget when engine.sleep=false)."""
+    from trb.plan import ENGINE_ASLEEP_GB
+
+    hf = plan_memory(TrainConfig(engine=EngineConfig(kind="hf")), world_size=1, device_gb=80)
+    cfg = TrainConfig(engine=EngineConfig(kind="vllm", gpu_memory_utilization=0.25))
+    vl = plan_memory(cfg, world_size=1, device_gb=80)
+    assert hf.engine == "hf" and vl.engine == "vllm"
+    for phase in ("student_rollout", "eval"):
+        terms = vl.phases[phase]
+        assert not any("KV cache" in k for k in terms) and abs(terms[next(k for k in terms if "vLLM" in k)] - 20) < 1e-9
+    for phase in ("rollout", "scoring", "update"):
+        assert abs(vl.total(phase) - hf.total(phase) - ENGINE_ASLEEP_GB) < 1e-9
+    awake = plan_memory(TrainConfig(engine=EngineConfig(kind="vllm", gpu_memory_utilization=0.25, sleep=False)),
+                        world_size=1, device_gb=80)
+    assert abs(awake.total("update") - hf.total("update") - 20) < 1e-9
+    kv = plan_memory(TrainConfig(engine=EngineConfig(kind="vllm", kv_cache_gb=2)), world_size=1, device_gb=80)
+    term = next(v for k, v in kv.phases["eval"].items() if "vLLM" in k)
+    assert term > 2 * 2**30 / 1e9 and any("KV space 2.1 GB" in n for n in kv.notes)

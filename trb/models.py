@@ -117,6 +117,20 @@ def check_pair(student, s_tok, teacher, t_tok) -> StopSpec:
                     pad_id=own.pad_id, vocab=_vocab(s_tok, student, teacher))
 
 
+def activation_checkpointing(model, on: bool = True) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant), or stop doing so: transformers
+    5.20+ names it activation_checkpointing_*, earlier 5.x releases gradient_checkpointing_*."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def pick_device(name: str) -> torch.device:
     """auto (a GPU when one is visible, else the CPU), cpu, cuda, cuda:N; a GPU asked for where none
     is visible is refused naming the setting."""

@@ -19,6 +19,11 @@ presets name in student.shape / teacher.shape). The plan is a model of trb's cod
                    layer), the chunked loss's [chunk, V] temporaries, gradients
   eval             the periodic eval: eval_decoding.batch rows of the rollout copy decoding
 
+With the vLLM engine (engine=vllm, or auto where vLLM is installed), student_rollout and eval hold
+the engine awake instead of trb's decoder: its whole budget (engine.gpu_memory_utilization of the
+device, or the weights + engine.kv_cache_gb); in the other phases it sleeps (engine.sleep: KV cache
+and weights freed; a fixed estimate of what a sleeping engine keeps is planned).
+
 Every phase also holds the persistent state: student weights (FSDP2 shards), AdamW state, the
 rollout copy (several processes), the teacher (replicated or sharded). Byte counts per token of
 the saved activations were read off transformers' Qwen3 decoder layer with saved-tensor hooks
@@ -149,6 +154,8 @@ class Plan:
     reserve_gb: float
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> GB
     skipped: dict[str, str] = field(default_factory=dict)  # phase -> why it never runs in this config
+    engine: str = "hf"  # the student-only decoder planned: hf (trb's) | vllm
+    notes: list[str] = field(default_factory=list)  # lines printed under the table
 
     def total(self, phase: str) -> float:
         return sum(self.phases[phase].values())
@@ -177,7 +184,7 @@ class Plan:
                 "phases": {p: round(self.total(p), 3) for p in self.phases},
                 "terms": {p: {k: round(v, 3) for k, v in t.items()} for p, t in self.phases.items()},
                 "skipped": self.skipped, "peak_phase": self.peak_phase, "peak_gb": round(self.peak_gb, 3),
-                "fits": self.fits, "failing": self.failing()}
+                "fits": self.fits, "failing": self.failing(), "engine": self.engine, "notes": self.notes}
 
     def table(self) -> str:
         lines = [f"memory plan per device: {self.world_size} process(es), {self.device_gb:g} GB per device "
@@ -189,6 +196,7 @@ class Plan:
             lines.append(f"{p:<16} {self.total(p):8.2f}  {ok}  {main}")
         for p, why in self.skipped.items():
             lines.append(f"{p:<16} {'-':>8}  -     not run: {why}")
+        lines += self.notes
         lines.append(f"peak {self.peak_gb:.2f} GB ({self.peak_phase}): "
                      + ("fits" if self.fits else f"does NOT fit in {self.usable_gb:g} GB"))
         return "\n".join(lines)
@@ -196,6 +204,8 @@ class Plan:
     def refusal(self) -> str:
         bad = self.failing()
         knobs = []
+        if self.engine == "vllm" and ("student_rollout" in bad or "eval" in bad):
+            knobs.append("engine.gpu_memory_utilization or engine.kv_cache_gb (smaller), engine=hf")
         if "update" in bad or "scoring" in bad:
             knobs.append("train.micro_batch_tokens (smaller), train.activation_checkpointing=true, "
                          "train.compute_dtype=bfloat16, loss.chunk_size (smaller)")
@@ -308,7 +318,48 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     eval_prompts = max(1, eval_rows // d.n)
     kv_eval = eval_rows * (ro.max_prompt_tokens + d.max_new_tokens) * s.kv_bytes(policy_b)
     plan.phases["eval"] = decode({"student KV cache": _gb(kv_eval)}, eval_rows, "student", eval_prompts)
+    if _plans_vllm(cfg.engine.kind):
+        _vllm_terms(plan, cfg, s, policy_b, base)
     return plan
+
+
+ENGINE_ASLEEP_GB = 0.5  # what a sleeping vLLM engine keeps (CUDA graph pool, buffers): an estimate, not measured
+ENGINE_WORKSPACE_GB = 1.0  # activations of one scheduled batch beside weights + KV with engine.kv_cache_gb
+
+
+def _plans_vllm(kind: str) -> bool:
+    import importlib.util
+
+    return kind == "vllm" or (kind == "auto" and importlib.util.find_spec("vllm") is not None)
+
+
+def _vllm_terms(plan: Plan, cfg, s: Shape, policy_b: int, base: dict) -> None:
+    """The engine replaces trb's decoder in student_rollout and eval; it sleeps in the other phases."""
+    e = cfg.engine
+    plan.engine = "vllm"
+    weights = s.params * policy_b
+    if e.kv_cache_gb:
+        awake, kv = weights + e.kv_cache_gb * 2**30 + ENGINE_WORKSPACE_GB * GB, e.kv_cache_gb * 2**30
+        label = f"vLLM engine (weights + engine.kv_cache_gb {e.kv_cache_gb:g} + workspace)"
+    else:
+        awake = e.gpu_memory_utilization * plan.device_gb * GB
+        kv = max(0.0, awake - weights - ENGINE_WORKSPACE_GB * GB)
+        label = f"vLLM engine (engine.gpu_memory_utilization {e.gpu_memory_utilization:g} of the device)"
+    for phase in ("student_rollout", "eval"):
+        plan.phases[phase] = {**base, label: _gb(awake)}
+    asleep = {"vLLM engine asleep": ENGINE_ASLEEP_GB} if e.sleep else {label: _gb(awake)}
+    for phase in ("rollout", "scoring", "update"):
+        if phase in plan.phases:
+            plan.phases[phase] = {**plan.phases[phase], **asleep}
+    ro = cfg.rollout
+    seq = ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval_decoding.max_new_tokens)
+    tokens = kv / max(s.kv_bytes(policy_b), 1)
+    plan.notes.append(f"vLLM KV space {_gb(kv):.1f} GB = {tokens:,.0f} tokens = {tokens / seq:.1f} full-length "
+                      f"sequences at once ({seq:,} tokens each); the engine {'sleeps' if e.sleep else 'stays awake'} "
+                      f"while the teacher scores and the student updates")
+    if tokens < seq:
+        plan.notes.append(f"warning: the engine's KV space holds less than one {seq:,}-token sequence: raise "
+                          f"engine.gpu_memory_utilization or engine.kv_cache_gb")
 
 
 def _visible_gpu_gb() -> float:

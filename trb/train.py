@@ -51,7 +51,7 @@ from trb.losses import Estimator, Target, chunked_distill_loss, chunked_nll_loss
 from trb.methods import Method
 from trb.microbatch import MicroBatch, Sequences, filler, response_hidden, split
 from trb.engine import make_engine, resolve_kind, serves
-from trb.models import check_pair, load_model, prepare_run, resolve_path
+from trb.models import activation_checkpointing, check_pair, load_model, prepare_run, resolve_path
 from trb.rollout import Sampler, rollout, score_micro_batch, student_records
 from trb.tracking import Tracker
 
@@ -621,7 +621,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     if world.distributed or policy_dtype != student.dtype:  # the rollout copy samples and evaluates
         policy = copy.deepcopy(student).to(policy_dtype).requires_grad_(False)
     if cfg.train.activation_checkpointing:
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing(student)
     objective = StudentObjective(student)
     if world.distributed:
         distributed.shard(objective, student, getattr(torch, cfg.train.compute_dtype))
@@ -643,7 +643,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     engine = make_engine(kind, policy, str(resume_from) if resume_from is not None else
                          resolve_path(cfg.student, "student"), policy.dtype, cfg.engine, max_len, cfg.seed, device,
                          version=version, trust_remote_code=cfg.student.trust_remote_code,
-                         distributed=world.distributed, log=log)
+                         distributed=world.distributed, training=True, log=log)
     if world.main:  # the first write into the run dir
         moved = claim.commit()
         if moved is not None:
