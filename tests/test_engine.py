@@ -452,3 +452,12 @@ def test_cli_engine_refusals(tmp_path):
     assert not (tmp_path / "a").exists()
     r = cli(["eval", "engine=sglang", f"output_dir={tmp_path / 'b'}"], cwd=tmp_path)
     assert r.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
+
+
+def test_engine_refuses_cpu_ranks_and_unknown_folders(tmp_path):
+    with pytest.raises(EngineError, match="on CPU processes use engine=hf"):
+        make_engine("vllm", None, "toy", torch.float32, ENGINE, 512, 0, CPU, distributed=True)
+    with pytest.raises(EngineError, match="neither one nor a hub id in the Hugging Face cache"):
+        make_engine("vllm", None, str(tmp_path / "nothing"), torch.float32, ENGINE, 512, 0, CPU)
+    with pytest.raises(EngineError, match="neither one nor a hub id"):
+        make_engine("vllm", None, "Nobody/not-cached", torch.float32, ENGINE, 512, 0, CPU)

@@ -132,8 +132,11 @@ class VLLMEngine:
 
         for name in ("vllm", "vllm.triton_utils.importing"):
             logging.getLogger(name).setLevel(os.environ["VLLM_LOGGING_LEVEL"])
-        if device.type == "cpu":  # the CPU build sizes its KV cache from this variable (whole GiB)
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(np.ceil(cfg.kv_cache_gb or 1))))
+        if device.type == "cpu":  # the CPU build sizes its KV cache from this variable (whole GiB; 1 unless set)
+            if cfg.kv_cache_gb:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(np.ceil(cfg.kv_cache_gb))))
+            else:
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         import warnings
 
         self.dtype, self.device, self.cfg = dtype, device, cfg
@@ -293,6 +296,24 @@ class VLLMEngine:
         gc.collect()
 
 
+def model_folder(path: str | None) -> str:
+    """The local folder of a model: the path itself, or a hub id's snapshot in the Hugging Face cache
+    (never downloaded here)."""
+    if path and (Path(path).expanduser() / "config.json").exists():
+        return str(Path(path).expanduser())
+    if path and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(path, local_files_only=True)
+            if (Path(folder) / "config.json").exists():
+                return folder
+        except Exception:  # noqa: BLE001 - not cached, or no hub library: the message below says what to do
+            pass
+    raise EngineError(f"engine=vllm starts from a model folder with config.json; {path!r} is neither one nor a hub "
+                      f"id in the Hugging Face cache")
+
+
 _CACHED: dict = {}  # {"key": ..., "engine": VLLMEngine}: one engine per process
 
 
@@ -315,8 +336,10 @@ def make_engine(kind: str, model, path: str | None, dtype: torch.dtype, cfg, max
     weights_from_path, else they are pushed). `version` labels the weights it then holds."""
     if kind == "hf":
         return HFEngine(model, static_cache=static_cache, compile_step=compile_step)
-    if path is None or not (Path(path) / "config.json").exists():
-        raise EngineError(f"engine=vllm starts from a model folder with config.json; {path!r} is not one")
+    if distributed and device.type != "cuda":
+        raise EngineError("engine=vllm under torchrun runs one engine per GPU (vLLM's external launcher); on CPU "
+                          "processes use engine=hf")
+    path = model_folder(path)
     sleep_mode = training and device.type == "cuda" and cfg.sleep  # the one thing training changes in an engine
     key = (_arch_key(path), str(dtype), repr(cfg), str(device), distributed, trust_remote_code, sleep_mode)
     engine = _CACHED.get("engine")
