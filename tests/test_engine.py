@@ -68,6 +68,12 @@ def test_resolve_kind_and_refusals(monkeypatch):
 
     with pytest.raises(ValueError, match="engine.tensor_parallel_size must be 1"):
         TrainConfig(engine=EngineConfig(tensor_parallel_size=2))
+    from trb.engine import check_temperature
+
+    with pytest.raises(EngineError, match=r"^decoding.temperature=2.5 but vLLM samples at temperatures up to 2"):
+        check_temperature("vllm", 2.5, "decoding.temperature")
+    check_temperature("vllm", 2.5, "decoding.temperature", greedy=True)  # greedy ignores it
+    check_temperature("hf", 2.5, "decoding.temperature")
     # which samplers an engine may serve: those that need no teacher
     assert serves(Sampler("student", temperature=0.7)) and serves(Sampler("trb", eps=0.0))
     assert not serves(Sampler("trb", eps=0.01)) and not serves(Sampler("skd")) and not serves(Sampler("teacher"))
@@ -461,3 +467,51 @@ def test_engine_refuses_cpu_ranks_and_unknown_folders(tmp_path):
         make_engine("vllm", None, str(tmp_path / "nothing"), torch.float32, ENGINE, 512, 0, CPU)
     with pytest.raises(EngineError, match="neither one nor a hub id"):
         make_engine("vllm", None, "Nobody/not-cached", torch.float32, ENGINE, 512, 0, CPU)
+
+
+@needs_vllm
+def test_several_stop_ids_are_one_stop_event_like_trb(toy):
+    """With two stop ids both likely, vLLM samples trb's distribution: the stop ids' probabilities
+    merged onto the emit id before the temperature (not each tempered apart), chi-square against the
+    true merged distribution for vLLM and for trb's decoder, and greedy picks the merged stop event."""
+    from trb.blend import RowNoise
+
+    model, tok, stop, path = toy
+    engine = _engine(model, path)
+    engine.sync(model, ("stops", 0))
+    prompt = _spread_prefix(model, tok, stop)
+    ids, mask = torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
+    lp = _true_logprobs(model, prompt)[-1]
+    a, b = lp.topk(2).indices.tolist()  # the two most likely next tokens become the stop ids, emitted as a
+    two = StopSpec(stop_ids=[a, b], emit_id=a, pad_id=stop.pad_id, vocab=stop.vocab)
+    merged = lp.clone()
+    merged[a], merged[b] = torch.logsumexp(lp[[a, b]], 0), float("-inf")
+    temperature, n = 1.6, 4000
+    probs = torch.softmax(merged / temperature, -1).numpy()
+    sampler = Sampler("student", temperature=temperature)
+    theirs = engine.sample(ids, mask, n=n, max_new_tokens=1, sampler=sampler, stop=two,
+                           noise=RowNoise(4, range(n), CPU))
+    ours = rollout(model, None, ids, mask, max_new_tokens=1, sampler=sampler, stop=two,
+                   generator=RowNoise(4, range(n), CPU), n=n)
+    v = probs.shape[0]
+    c_vllm = np.bincount(theirs.tokens[:, 0].numpy(), minlength=v)
+    c_ours = np.bincount(ours.tokens[:, 0].numpy(), minlength=v)
+    assert c_vllm[b] == 0 and c_ours[b] == 0 and bool(theirs.stopped[theirs.tokens[:, 0] == a].all())
+    assert _chi2_pvalue(c_vllm, probs) > 1e-3 and _chi2_pvalue(c_ours, probs) > 1e-3
+    # each stop id tempered apart (what vLLM does without trb's logits processor) is another distribution
+    apart = torch.softmax(lp / temperature, -1)
+    apart[a], apart[b] = apart[a] + apart[b], 0.0
+    assert abs(float(apart[a]) - float(probs[a])) > 0.02  # the case tells the two apart ...
+    assert _chi2_pvalue(c_vllm, apart.numpy()) < 1e-3  # ... and the counts reject it
+    greedy = engine.sample(ids, mask, n=1, max_new_tokens=1, sampler=Sampler("student", greedy=True), stop=two,
+                           noise=RowNoise(0, [0], CPU))
+    assert int(greedy.tokens[0, 0]) == int(merged.argmax())
+    # a shared vocabulary smaller than the model's embedding (padding rows): those ids are never sampled
+    # and the rest keep their relative probabilities
+    k = max(a, b)  # ids k.. are cut: one of the two likeliest tokens among them
+    cut = StopSpec(stop_ids=[stop.emit_id], emit_id=stop.emit_id, pad_id=stop.pad_id, vocab=k)
+    assert float(lp.exp()[k:].sum()) > 0.05  # the cut removes real mass here
+    ro = engine.sample(ids, mask, n=n, max_new_tokens=1, sampler=sampler, stop=cut, noise=RowNoise(5, range(n), CPU))
+    c_cut = np.bincount(ro.tokens[:, 0].numpy(), minlength=v)
+    assert c_cut[k:].sum() == 0
+    assert _chi2_pvalue(c_cut[:k], torch.softmax(lp[:k] / temperature, -1).numpy()) > 1e-3

@@ -130,13 +130,13 @@ def test_row_bound_and_bf16_copy_bound_the_decoding_phases():
 
 
 def test_plan_of_the_toy_default_fits_and_exits_0(tmp_path):
-    r = cli(["plan", "engine=hf", f"output_dir={tmp_path}"], cwd=tmp_path)
+    r = cli(["plan", "engine=hf", "plan.device_gb=80", f"output_dir={tmp_path}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["fits"] and plan["world_size"] == 1 and plan["peak_gb"] < 1
     assert "peak" in r.stdout and "fits" in r.stdout
     # with vLLM (engine=vllm, or auto where it is installed) the engine takes its share of the device
-    r = cli(["plan", "engine=vllm", f"output_dir={tmp_path / 'v'}"], cwd=tmp_path)
+    r = cli(["plan", "engine=vllm", "plan.device_gb=80", f"output_dir={tmp_path / 'v'}"], cwd=tmp_path)
     plan = json.loads((tmp_path / "v" / "plan.json").read_text())
     assert plan["engine"] == "vllm" and any(k.startswith("vLLM engine (") and v == 24 for k, v in
                                             plan["terms"]["eval"].items())

