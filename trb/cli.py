@@ -5,7 +5,7 @@
     trb rollout [overrides]      sample under a behaviour policy, no training (`trb rollout --help`)
     trb plan [overrides]         memory per device of each phase of a step (no weights loaded)
     trb report RUN_OR_SWEEP...   compare runs grouped by their differing settings: paired intervals, plots, a table
-    trb toy build [--out DIR]    rebuild the embedded toy models bit for bit
+    trb toy build [--out DIR]    rebuild the embedded toy models (bit for bit with transformers 5.24.0)
 
 Only this file knows Hydra and OmegaConf: it composes trb/conf/<command>.yaml with the overrides,
 merges the result onto the typed schema (trb.config) and calls the pure-Python entry point.
@@ -513,7 +513,8 @@ def _run_user_task(fn) -> None:
 def toy_build(out: Path = typer.Option(None, help="Output folder (default: the shipped trb/assets/toy).")) -> None:
     """Rebuild the toy teachers (robust: toy:teacher; clean solutions only: toy:teacher_clean) and
     the student (about 25 minutes on one CPU core; bit-identical to the shipped ones with torch 2.13
-    on one thread)."""
+    on one thread and transformers 5.24.0, which built them; other transformers releases train to
+    other weights)."""
     from trb.toy import ASSETS, build
 
     path = build(out or ASSETS, log=typer.echo)

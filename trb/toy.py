@@ -1,7 +1,8 @@
 """The embedded default: a synthetic arithmetic task, an offline tokenizer and two tiny models.
 
 Everything here runs offline on a CPU. `trb toy build` (or `python -m trb.toy`) rebuilds the
-models that ship in trb/assets/toy/ bit for bit (single thread, fixed seeds, same torch):
+models that ship in trb/assets/toy/ bit for bit (single thread, fixed seeds, torch 2.13 and the
+transformers that built them, 5.24.0; 5.19.0 trains to other weights):
 
   task       "What is 23+45-17?" -> "23+45=68, 68-17=51, so \\boxed{51}", GSM8K row schema
              (question / answer ending in "#### N"); difficulty knobs: ops, operands, max_ops.
