@@ -80,7 +80,8 @@ $(VENV)/.vllm-deps: $(VENV)/.installed
 	touch $@
 
 # rollout benchmarks (tables + json under benchmarks/results/)
-bench: bench-deps
+bench: bench-deps vllm-deps
+	$(BIN)/trb bench engine --max-cell-tokens 16384 --out benchmarks/results/engine_cpu.json
 	$(BIN)/trb bench rollout --pair toy --batch 1,8,32,64 --n 1,4
 	$(BIN)/trb bench rollout --pair vocab32k --batch 8,32 --n 1 --modes student,teacher,blend,spec4,fast
 	$(BIN)/trb bench rollout --pair smollm2 --batch 8 --n 1 --new-tokens 128 --compile

@@ -551,6 +551,7 @@ class _Session:
     resume_from: Path | None
     sft_pool: list
     t_start: float = 0.0
+    engine_at_start: tuple = (0, 0.0)  # the engine's (pushes, push seconds) before this run (a reused engine)
 
 
 def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _Session:
@@ -665,7 +666,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         restore_rng(state)
         gen.set_state(state["gen"])
     return _Session(run, run_dir, tracker, train_rows, eval_rows, start, skipped_long, evals, state, resume_from,
-                    sft_pool)
+                    sft_pool, engine_at_start=(getattr(engine, "pushes", 0), getattr(engine, "push_seconds", 0.0)))
 
 
 def _run_eval(s: _Session, step: int, log) -> None:
@@ -808,8 +809,9 @@ def finish(s: _Session, log) -> dict:
         "steps": cfg.steps,
         "processes": world.size,
         "rollout_copy": copy_info,
-        "engine": {"kind": getattr(run.engine, "name", "hf"), "pushes": getattr(run.engine, "pushes", 0),
-                   "push_seconds": getattr(run.engine, "push_seconds", 0.0)},
+        "engine": {"kind": getattr(run.engine, "name", "hf"),  # weight pushes of this run (this process)
+                   "pushes": getattr(run.engine, "pushes", 0) - s.engine_at_start[0],
+                   "push_seconds": getattr(run.engine, "push_seconds", 0.0) - s.engine_at_start[1]},
         "replica_sha256": replicas,
         "teacher_params": {"total": sum(p.numel() for p in teacher.parameters()),  # held by rank 0 (sharded: less)
                            "rank0": sum((p.to_local() if isinstance(p, DTensor) else p).numel()
