@@ -37,7 +37,17 @@ def _student(pair: str, tmp: Path):
     elif pair == "smollm2":
         from trb.bench import _smollm2
 
-        _, model, tok = _smollm2()  # the real SmolLM2-135M-Instruct (30 layers)
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        _, gguf, tok = _smollm2()  # the real SmolLM2-135M-Instruct (30 layers), de-quantised from its GGUF
+        config = copy.deepcopy(gguf.config)
+        if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        model.generation_config = gguf.generation_config
         folder = str(tmp / "smollm2")
         model.save_pretrained(folder)  # vLLM reads safetensors folders, not the package's GGUF
         tok.save_pretrained(folder)
