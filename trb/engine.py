@@ -266,8 +266,11 @@ class VLLMEngine:
         when the sampler is the plain student (temperature 1, no nucleus), there is one stop id and
         no embedding padding; otherwise the trainer rescores the tokens with its own forward."""
         plain = sampler.temperature == 1.0 and sampler.top_p == 1.0 and not sampler.greedy
-        padded = self.model_vocab is not None and stop.vocab is not None and self.model_vocab > stop.vocab
-        return plain and len(stop.stop_ids) == 1 and not padded
+        return plain and len(stop.stop_ids) == 1 and not self._padded(stop)
+
+    def _padded(self, stop: StopSpec) -> bool:
+        """The model's embedding has rows past the shared vocabulary (impossible tokens)."""
+        return bool(self.model_vocab and stop.vocab and self.model_vocab > stop.vocab)
 
     def sample(self, prompt_ids, prompt_mask, *, n: int, max_new_tokens: int, sampler: Sampler, stop: StopSpec,
                noise: RowNoise, max_rows: int = 0) -> Rollout:
@@ -280,9 +283,7 @@ class VLLMEngine:
         if not serves(sampler):
             raise ValueError(f"the vLLM engine samples from the student alone; sampler {sampler.kind!r} "
                              f"(eps={sampler.eps}) needs the teacher")
-        if not sampler.greedy and sampler.temperature > MAX_TEMPERATURE:
-            raise EngineError(f"vLLM samples at temperatures up to {MAX_TEMPERATURE:g}; got {sampler.temperature}: "
-                              f"lower the temperature or use engine=hf")
+        check_temperature(self.name, sampler.temperature, "the sampling temperature", sampler.greedy)
         self.wake()
         b = prompt_ids.shape[0]
         if len(noise) != b * n:
@@ -292,7 +293,7 @@ class VLLMEngine:
         if longest > self.max_model_len:
             raise EngineError(f"a prompt of {longest - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                               f"the engine's max_model_len={self.max_model_len}; raise engine.max_model_len")
-        padded = bool(self.model_vocab and stop.vocab and self.model_vocab > stop.vocab)
+        padded = self._padded(stop)
         # several stop ids: one stop event; embedding padding rows: impossible tokens (both as in trb's decoder)
         merge = {"trb_stop": (stop.emit_id, list(stop.stop_ids), stop.vocab if padded else 1 << 30)} \
             if len(stop.stop_ids) > 1 or padded else None
