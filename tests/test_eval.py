@@ -48,10 +48,10 @@ def test_adapters_on_fixtures():
     g = load_rows(DatasetConfig(name="gsm8k", path=str(FIX / "gsm8k_tiny.jsonl"), eval_size=0))
     assert [r["gold"] for r in g] == ["7", "1200", "30", "18"]
     m = load_rows(DatasetConfig(name="math", path=str(FIX / "math_tiny.jsonl"), question_field="problem",
-                                answer_field="solution", answer_kind="boxed", keep_fields=["type", "level"]))
+                                answer_field="solution", answer_kind="boxed", keep_fields=["type", "level"], eval_size=0))
     assert [r["gold"] for r in m] == ["1024", "2\\sqrt{2}", "6"] and m[0]["type"] == "Algebra"
     m5 = load_rows(DatasetConfig(name="math500", path=str(FIX / "math500_tiny.jsonl"), question_field="problem",
-                                 answer_kind="plain", eval_size=2))
+                                 answer_kind="plain", eval_size=2, select="first"))
     assert len(m5) == 2 and m5[0]["gold"] == "\\frac{3}{4}"
 
 
@@ -67,7 +67,7 @@ def test_dataset_errors_are_clear(tmp_path):
     with pytest.raises(DatasetError, match="no rows"):
         load_rows(DatasetConfig(name="x", path=str(empty)))
     with pytest.raises(DatasetError, match="question_field"):
-        load_rows(DatasetConfig(name="x", path=str(FIX / "math_tiny.jsonl")))
+        load_rows(DatasetConfig(name="x", path=str(FIX / "math_tiny.jsonl"), eval_size=0))
 
 
 def test_offline_hub_dataset_fails_fast_naming_the_override():

@@ -107,19 +107,23 @@ class MethodConfig:
 
 @dataclass
 class DatasetConfig:
-    """Problems with gold answers: the embedded toy task, a local file, or a cached hub dataset."""
+    """Problems with gold answers: the embedded toy task, a local file, or a hub dataset (local cache)."""
 
     name: str = "toy"  # label; "toy" (without path) generates the embedded arithmetic task
-    hub_id: Optional[str] = None  # Hugging Face dataset id, read from the local cache only
+    hub_id: Optional[str] = None  # Hugging Face dataset id (or a local dataset folder), read from the local cache only
     hub_config: Any = None  # hub config name, or a list of them to concatenate (MATH subjects)
-    split: str = "test"  # hub split
-    path: Optional[str] = None  # local .jsonl / .parquet with the same fields (overrides hub_id)
+    train_split: Optional[str] = "train"  # hub split trb train draws prompts from (null: none, an evaluation-only set)
+    eval_split: Optional[str] = "test"  # hub split trb eval and the periodic eval score (null: held out of train_split)
+    path: Optional[str] = None  # local .jsonl / .json / .parquet with the same fields (overrides hub_id; one source)
     question_field: str = "question"  # field with the problem text (dotted paths reach nested fields)
     answer_field: Optional[str] = "answer"  # field with the gold answer (None: no gold, e.g. OpenThoughts)
-    answer_kind: str = "gsm8k"  # gsm8k (after ####) | boxed (last \\boxed{} of a solution) | plain
+    answer_kind: str = "gsm8k"  # gsm8k (after ####) | boxed (last \\boxed{} of a solution) | plain (a list: joined)
     keep_fields: list[str] = field(default_factory=list)  # extra fields kept per row (MATH: type, level)
-    train_size: int = 4000  # training prompts used (toy: generated)
-    eval_size: int = 200  # evaluation problems used (0 = all; toy: held-out problems generated)
+    train_size: int = 4000  # training prompts selected (0 = every row; more than there are is refused)
+    eval_size: int = 200  # evaluation problems selected (0 = every row; more than there are is refused)
+    select: str = "shuffle"  # which rows: shuffle (a seeded random subset) | first (file order)
+    seed: Optional[int] = None  # the training rows' shuffle (null: the run's seed)
+    split_seed: int = 0  # which rows are held out for eval (one source) and chosen for eval: fixed across run seeds
     # toy task difficulty
     min_ops: int = 1  # fewest operations per toy problem
     max_ops: int = 3  # most operations per toy problem
@@ -129,10 +133,15 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         _check(self.answer_kind in ("gsm8k", "boxed", "plain"),
                f"dataset.answer_kind must be gsm8k, boxed or plain; got {self.answer_kind!r}")
-        _check(self.train_size >= 1, f"dataset.train_size must be >= 1; got {self.train_size}")
+        _check(self.train_size >= 0, f"dataset.train_size must be >= 0; got {self.train_size}")
         _check(self.eval_size >= 0, f"dataset.eval_size must be >= 0; got {self.eval_size}")
+        _check(self.select in ("shuffle", "first"), f"dataset.select must be shuffle or first; got {self.select!r}")
+        _check(self.seed is None or self.seed >= 0, f"dataset.seed must be >= 0 or null; got {self.seed}")
+        _check(self.split_seed >= 0, f"dataset.split_seed must be >= 0; got {self.split_seed}")
         _check(self.name == "toy" or bool(self.path or self.hub_id),
                f"dataset {self.name!r} needs dataset.path=/path/to/file.jsonl or dataset.hub_id")
+        _check(bool(self.path) or self.name == "toy" or bool(self.train_split or self.eval_split),
+               f"dataset {self.name!r}: dataset.train_split and dataset.eval_split are both null; name a split")
 
 
 @dataclass
@@ -143,11 +152,15 @@ class PromptConfig:
     instruction: Optional[str] = None  # e.g. the paper's "Please reason step by step, ..." (None: none)
     instruction_role: str = "user"  # user (appended to the problem) | system (a system message)
     plain_template: str = "Problem: {question}\n{instruction}\nSolution:"  # plain style format string
+    enable_thinking: Optional[bool] = None  # Qwen3 templates' thinking switch: true | false | null (template default)
 
     def __post_init__(self) -> None:
         _check(self.style in ("chat", "plain"), f"prompt.style must be chat or plain; got {self.style!r}")
         _check(self.instruction_role in ("user", "system"),
                f"prompt.instruction_role must be user or system; got {self.instruction_role!r}")
+        _check(self.enable_thinking is None or self.style == "chat",
+               "prompt.enable_thinking switches a chat template's thinking mode: it needs prompt.style=chat "
+               "(or prompt.enable_thinking=null)")
 
 
 @dataclass
@@ -363,7 +376,8 @@ class TrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's held-out rows)
+    eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's eval rows)
+    eval_overlap: str = "refuse"  # train prompts repeating an eval problem: refuse | drop | allow
     prompt: PromptConfig = field(default_factory=PromptConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -400,6 +414,8 @@ class TrainConfig:
         _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
         _check(not (self.overwrite and self.resume not in ("auto", "never")),
                "overwrite=true starts a new run: it cannot be combined with resume=PATH")
+        _check(self.eval_overlap in ("refuse", "drop", "allow"),
+               f"eval_overlap must be refuse, drop or allow; got {self.eval_overlap!r}")
         check_method_blend(self.method, self.blend)
         longest = self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
         _check(not self.train.micro_batch_tokens or self.train.micro_batch_tokens >= longest,
@@ -493,6 +509,7 @@ class EvalConfig:
     checkpoint: Any = "toy:student"  # model folder, run dir (every checkpoint in it), toy:*, or a list
     dtype: str = "float32"  # float32 | bfloat16 | float16
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    datasets: list[str] = field(default_factory=list)  # several presets (NAME or NAME:PATH): each and the average
     prompt: PromptConfig = field(default_factory=PromptConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)  # the decoder: trb's (hf) or vLLM

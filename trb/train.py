@@ -40,7 +40,8 @@ from trb.blend import RowNoise, compile_search
 from trb.checkpoint import (CheckpointWriteError, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
 from trb.config import TrainConfig
-from trb.data import fit_prompts, load_rows, render
+from trb.data import (DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data,
+                      write_data_record)
 from trb.diagnostics import effective_temperature, rollout_metrics
 from trb.distributed import World
 from trb.errors import RunStopped
@@ -571,6 +572,13 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     for note in claim.notes:
         log(note)
     resume_from = claim.resume_from
+    # the data first (seconds, no weights): which rows each role gets, never shared silently, and on resume
+    # the same rows as the run used so far
+    train_sel, eval_sel, overlap = select_data(cfg.dataset, cfg.eval_dataset, cfg.seed, cfg.eval_overlap, log)
+    data = data_record(train_sel, eval_sel, overlap, cfg.eval_overlap)
+    if resume_from is not None:
+        check_same_data(Path(resume_from).parent.parent / DATA_FILE, data)
+    train_rows, eval_rows = train_sel.rows, eval_sel.rows
     if resume_from is not None:  # the student's weights come from the checkpoint
         student, tok = load_model(dataclasses.replace(cfg.student, path=str(resume_from)), "checkpoint", device,
                                  setting="resume")
@@ -591,8 +599,6 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
                          f"(or loss=full for the exact KL)")
     if cfg.method.name == "skd" and cfg.method.skd_top_k > vocab:
         raise ValueError(f"method.skd_top_k={cfg.method.skd_top_k} exceeds the vocabulary size {vocab}")
-    train_rows = load_rows(cfg.dataset, cfg.seed, role="train")
-    eval_rows = load_rows(cfg.eval_dataset or cfg.dataset, cfg.seed, role="eval")
     render(tok, train_rows[0]["question"], cfg.prompt)  # a prompt format the tokenizer cannot render fails now,
     # before anything is written into the run dir
     if cfg.rollout.long_prompts == "skip":  # a run whose every step would be skipped trains nothing
@@ -616,6 +622,9 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     procs = f" x {world.size} processes (FSDP2 student, {_TEACHER_MODE[cfg.parallel.teacher]} teacher)"
     log(f"trb train: {len(train_rows)} train / {len(eval_rows)} eval prompts, {cfg.steps} steps, device {device}"
         f"{procs if world.distributed else ''}, run dir {run_dir}")
+    log(f"data: train {train_sel.source} ({len(train_rows)} of {train_sel.available} rows); eval "
+        f"{eval_sel.source} ({len(eval_sel.rows)} of {eval_sel.available}); "
+        f"{overlap} training prompts repeat an eval problem (eval_overlap={cfg.eval_overlap})")
 
     policy = student
     policy_dtype = getattr(torch, cfg.rollout.dtype) if cfg.rollout.dtype != "auto" else student.dtype
@@ -653,6 +662,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         if moved is not None:
             log(f"overwrite=true: the previous run's files moved to {moved}")
         claim.write_config(dataclasses.asdict(cfg))  # the run dir's owner record, before anything else of the run
+        write_data_record(run_dir / DATA_FILE, data)  # the rows this run trains and evaluates on
         if resume_from is not None:
             evals = truncate_metrics(run_dir, start, final=start >= cfg.steps)
     if resume_from is not None:
