@@ -30,6 +30,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # trb never downloads at run time unless asked (HF_HUB_OFFLINE=0): hub ids resolve from the cache
 # or fail at once with a message, instead of after 20-45 s of retries.
+_USER_OFFLINE = os.environ.get("HF_HUB_OFFLINE")  # as the user set it (trb download refuses to run offline)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 
@@ -227,15 +228,65 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
 
     def task(cfg, run_dir: Path) -> None:
         typed = to_schema(cfg, schema)
+        _download_hint(name, typed, list(ctx.args))
         if typed.output_dir:
             run_dir = Path(typed.output_dir)
         if typed.logger.group is None and _is_multirun():
             typed.logger.group = Path(cfg_sweep_dir()).name
         module, fn = entry.split(":")
         run = getattr(importlib.import_module(module), fn)  # torch and transformers load only now
+        if name == "eval" and typed.datasets:  # several benchmarks, each with its own preset
+            from trb.eval_run import run_eval_suite
+
+            suite = _eval_suite(typed, list(ctx.args))
+            _run_user_task(lambda: run_eval_suite(suite, run_dir, log=_Echo(run_dir / f"{name}.log")))
+            return
         _run_user_task(lambda: run(typed, run_dir, log=_Echo(run_dir / f"{name}.log")))
 
     run_hydra(name, _run_dir_args(list(ctx.args)), task)
+
+
+def _eval_suite(typed, args: list[str]) -> list:
+    """datasets=[a,b:FILE,...]: one eval config per entry, composed with its own dataset preset (and
+    that preset's prompt / decoding) under the command's other overrides."""
+    from trb.config import EvalConfig
+
+    over = _user_overrides(args)
+    if any(a.startswith(("dataset=", "dataset.")) for a in over):
+        raise UserError("datasets=[...] composes each benchmark's own preset: drop dataset= / dataset.* (a local "
+                        "copy of one benchmark: datasets=[NAME:FILE,...])")
+    over = [a for a in over if not a.startswith("datasets=")]
+    suite, seen = [], set()
+    for entry in typed.datasets:
+        name, _, path = str(entry).partition(":")
+        if name in seen:
+            raise UserError(f"datasets lists {name} twice")
+        seen.add(name)
+        c = compose("eval", [*over, f"dataset={name}", *([f"dataset.path={path}"] if path else [])], EvalConfig)
+        c.datasets, c.output_dir = [], None
+        suite.append((name, c))
+    return suite
+
+
+def _download_hint(command: str, typed, args: list[str]) -> None:
+    """The `trb download ...` a missing-items refusal of this command names."""
+    import shlex
+
+    from trb import download
+
+    over = [a for a in _user_overrides(args) if command == "train" or not a.startswith(("checkpoint=", "dataset"))]
+    parts = ["trb download"]
+    if command == "train":
+        parts += over
+    else:
+        names = getattr(typed, "datasets", None) or [typed.dataset.name]
+        parts.append("--eval " + ",".join(n.split(":", 1)[0] for n in names))
+        if command == "eval":
+            models = typed.checkpoint if isinstance(typed.checkpoint, (list, tuple)) else [typed.checkpoint]
+        else:  # rollout
+            models = [typed.student.path, typed.teacher.path]
+        parts += [f"--model {m}" for m in models if download._hub_id(str(m))]
+    download.HINT = " ".join([parts[0], *(p if p.startswith("--") else shlex.quote(p) for p in parts[1:])])
 
 
 class _Echo:
@@ -313,6 +364,73 @@ def plan_cmd(ctx: typer.Context) -> None:
         args.append("hydra.run.dir=outputs/plan/${now:%Y-%m-%d_%H-%M-%S}")
     run_hydra("train", args, task)
     if codes and max(codes):
+        raise typer.Exit(code=1)
+
+
+def compose(config_name: str, overrides: list[str], schema):
+    """The typed config of trb/conf/<config_name>.yaml with these overrides, without a run dir (Hydra's
+    compose API); a bad override is a UserError."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra run (trb eval datasets=[...])
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    return to_schema(cfg, schema)
+
+
+def _user_overrides(args: list[str]) -> list[str]:
+    """The config overrides of a command line (no Hydra flags, run dirs or sweep switches)."""
+    return [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "output_dir="))]
+
+
+@app.command("download", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def download_cmd(
+    ctx: typer.Context,
+    eval_sets: str = typer.Option("", "--eval", help="Evaluation presets to fetch too, comma-separated (e.g. "
+                                                     "gsm8k,math500,aime24,aime25,amc23,olympiadbench)."),
+    models: list[str] = typer.Option([], "--model", help="A hub model id to fetch too (repeatable), e.g. a "
+                                                         "checkpoint for trb eval."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be fetched and what is cached; fetch "
+                                                          "nothing (works offline)."),
+) -> None:
+    """Fetch the hub models and datasets a config needs into the Hugging Face cache (the same overrides
+    as trb train; trb train / eval / rollout never download): trb download experiment=paper_0.6b_4b"""
+    if not dry_run and _USER_OFFLINE in ("1", "true", "TRUE", "True", "yes", "YES", "on", "ON"):
+        typer.echo(f"error: HF_HUB_OFFLINE={_USER_OFFLINE} is set: trb download needs the network; unset it (or "
+                   f"use --dry-run)", err=True)
+        raise typer.Exit(code=2)
+    if not dry_run:  # only this command goes online (the libraries read these at import)
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "0"
+    from trb.config import DatasetConfig, EvalConfig, ModelConfig, TrainConfig
+    from trb.download import eval_items, model_items, run_download, train_items
+
+    def run() -> int:
+        overrides = _user_overrides(list(ctx.args))
+        names = [n.strip() for n in eval_sets.split(",") if n.strip()]
+        items = []
+        if overrides or not (names or models):
+            items += train_items(compose("train", overrides, TrainConfig))
+        for name in names:
+            ds = compose("eval", [f"dataset={name}"], EvalConfig).dataset
+            items += eval_items(ds if isinstance(ds, DatasetConfig) else DatasetConfig(**ds), f"--eval {name}")
+        for m in models:
+            items += model_items(ModelConfig(path=m), "--model")
+        return run_download(list({it.key(): it for it in items}.values()), dry_run, log=typer.echo)
+
+    try:
+        missing = run()
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    if missing and not dry_run:
         raise typer.Exit(code=1)
 
 

@@ -16,6 +16,7 @@ import torch
 from trb.checkpoint import checkpoint_step, list_checkpoints
 from trb.config import EvalConfig, ModelConfig
 from trb.data import fit_prompts, load_rows, render
+from trb.download import eval_items, model_items, require_cached
 from trb.evaluate import evaluate
 from trb.grading import Grader
 from trb.engine import check_temperature, make_engine, resolve_kind
@@ -40,10 +41,18 @@ def resolve_checkpoints(spec) -> list[str]:
     return out
 
 
+def required(cfg: EvalConfig) -> list:
+    """The hub items (checkpoints given as hub ids, the dataset) this eval reads."""
+    ckpts = cfg.checkpoint if isinstance(cfg.checkpoint, (list, tuple)) else [cfg.checkpoint]
+    items = [it for c in ckpts for it in model_items(ModelConfig(path=str(c)), "checkpoint")]
+    return items + eval_items(cfg.dataset)
+
+
 def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
+    require_cached(required(cfg))
     out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
     checkpoints = resolve_checkpoints(cfg.checkpoint)
-    rows = load_rows(cfg.dataset, cfg.seed, role="eval")
+    rows = load_rows(cfg.dataset, cfg.seed, role="eval", log=log)
     n_seq = len(rows) * cfg.decoding.n
     kind = resolve_kind(cfg.engine.kind, device)
     check_temperature(kind, cfg.decoding.temperature, "decoding.temperature", cfg.decoding.greedy)
@@ -110,5 +119,44 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
         log("step      pass@1")
         for r in results:
             log(f"{str(r['step']):>8}  {r['metrics']['eval/pass@1']:.3f}")
+    log(f"results: {out_dir / 'results.json'}")
+    return out
+
+
+def run_eval_suite(suite: list[tuple[str, EvalConfig]], out_dir: Path | str, log=print) -> dict:
+    """Several benchmarks (name, config) over the same checkpoints, each in <out_dir>/<name>/ as a
+    `trb eval` of its own, then results.json with each benchmark's pass@1 and their unweighted
+    average per checkpoint (the paper's table). Everything is checked before anything is decoded."""
+    out_dir = Path(out_dir)
+    require_cached([it for _, c in suite for it in required(c)])
+    for _name, c in suite:  # every dataset readable, every checkpoint found, before the first decode
+        load_rows(c.dataset, c.seed, role="eval", log=lambda m: None)
+        resolve_checkpoints(c.checkpoint)
+    longest = max(c.max_prompt_tokens + c.decoding.max_new_tokens for _, c in suite)
+    per: dict[str, dict] = {}
+    for name, c in suite:
+        if not c.engine.max_model_len:  # one vLLM engine serves every benchmark
+            c.engine.max_model_len = longest
+        if c.logger.group is None:
+            c.logger.group = out_dir.name
+        log(f"== {name}")
+        per[name] = run_eval(c, out_dir / name, log=log)
+    names = list(per)
+    table = []
+    for i, r in enumerate(per[names[0]]["results"]):
+        scores = {n: per[n]["results"][i]["metrics"]["eval/pass@1"] for n in names}
+        table.append({"checkpoint": r["checkpoint"], "step": r["step"], "pass@1": scores,
+                      "average": sum(scores.values()) / len(scores)})
+    out = {"datasets": {n: {"problems": per[n]["problems"], "n": suite[k][1].decoding.n,
+                            "results": f"{n}/results.json"} for k, n in enumerate(names)},
+           "table": table}
+    (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    width = max(8, *(len(n) for n in names))
+    labels = [str(r["step"]) if r["step"] is not None else Path(r["checkpoint"]).name for r in table]
+    first = max(6, *(len(x) for x in labels))
+    log(f"{'pass@1':<{first}}  " + "  ".join(f"{n:>{width}}" for n in [*names, "average"]))
+    for label, row in zip(labels, table):
+        log(f"{label:<{first}}  " + "  ".join(f"{row['pass@1'][n]:>{width}.3f}" for n in names) +
+            f"  {row['average']:>{width}.3f}")
     log(f"results: {out_dir / 'results.json'}")
     return out

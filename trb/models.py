@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from trb import download
 from trb.config import ModelConfig
 from trb.errors import UserError
 from trb.rollout import StopSpec
@@ -72,7 +73,7 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str |
         if isinstance(err, OSError):
             raise ModelLoadError(
                 f"{role} model {path!r} is not a local folder and is not in the Hugging Face cache (trb never "
-                f"downloads at run time). Download it first (`hf download {path}`) or set {key}=/path/to/folder. "
+                f"downloads at run time). Fetch it with `{download.HINT}` or set {key}=/path/to/folder. "
                 f"({type(err).__name__}: {text})") from None
         raise
     return model.to(device).eval(), tok

@@ -27,6 +27,7 @@ import torch
 from trb.blend import compile_search
 from trb.config import RolloutRunConfig
 from trb.data import load_rows
+from trb.download import eval_items, model_items, require_cached
 from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
 from trb.evaluate import decode_completions
 from trb.grading import Grader
@@ -228,6 +229,9 @@ def render_html(records: list[dict], summary: dict, title: str) -> str:
 
 def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     """Sample, record, grade, probe; write rollouts.jsonl / rollouts.html / summary.json."""
+    require_cached(model_items(cfg.student, "student.path") + model_items(cfg.teacher, "teacher.path") +
+                   eval_items(cfg.dataset))
+    rows = load_rows(cfg.dataset, cfg.seed, role="eval", log=log)  # before any weight is loaded
     out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
     gen = seed_everything(cfg.seed)
     if device.type == "cuda":
@@ -240,7 +244,6 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     student.eval()
     teacher.eval()
     stop = check_pair(student, tok, teacher, t_tok)
-    rows = load_rows(cfg.dataset, cfg.seed, role="eval")
     if cfg.num_prompts:
         rows = rows[: cfg.num_prompts]
     eps = cfg.blend.schedule()(cfg.step)

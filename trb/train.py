@@ -40,6 +40,7 @@ from trb.blend import RowNoise, compile_search
 from trb.checkpoint import (CheckpointWriteError, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
 from trb.config import TrainConfig
+from trb.download import require_cached, train_items
 from trb.data import (DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data,
                       write_data_record)
 from trb.diagnostics import effective_temperature, rollout_metrics
@@ -572,6 +573,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     for note in claim.notes:
         log(note)
     resume_from = claim.resume_from
+    require_cached(train_items(cfg))  # every hub model and dataset of the run, all named at once if missing
     # the data first (seconds, no weights): which rows each role gets, never shared silently, and on resume
     # the same rows as the run used so far
     train_sel, eval_sel, overlap = select_data(cfg.dataset, cfg.eval_dataset, cfg.seed, cfg.eval_overlap, log)
