@@ -405,13 +405,14 @@ def test_broken_model_folders(pair, tmp_path, what, needle):
     ('{"question": "What is 2+2?", "answer": "4"}\n' * 3, "no row has a gold answer under dataset.answer_kind=gsm8k",
      ["dataset.answer_kind=boxed|plain"]),
     ('{"question": null, "answer": "#### 4"}\n', "row 0: the question ('question') is None", []),
-    ('{"question": "x", "answer": "#### 4"}\n5\n', "row 1 is a int", []),
+    ('{"question": "x", "answer": "#### 4"}\n5\n', "line 2 is a int", []),
 ])
 def test_data_checks(pair, tmp_path, content, needle, extra):
     data = tmp_path / "d.jsonl"
     data.write_text(content)
-    refused([f"student.path={pair[0]}", f"teacher.path={pair[1]}", *FAST, "dataset=jsonl", f"dataset.path={data}",
-             f"output_dir={tmp_path / 'o'}"], tmp_path, needle, *extra)
+    fast = [a for a in FAST if not a.startswith("dataset.")]
+    refused([f"student.path={pair[0]}", f"teacher.path={pair[1]}", *fast, "dataset=jsonl", f"dataset.path={data}",
+             "dataset.eval_size=1", "dataset.train_size=0", f"output_dir={tmp_path / 'o'}"], tmp_path, needle, *extra)
 
 
 def test_a_directory_as_dataset_path(pair, tmp_path):

@@ -4,6 +4,7 @@
     trb eval [overrides]         score checkpoints (see `trb eval --help`)
     trb rollout [overrides]      sample under a behaviour policy, no training (`trb rollout --help`)
     trb plan [overrides]         memory per device of each phase of a step (no weights loaded)
+    trb download [overrides]     fetch the hub models and datasets a config needs (run commands never download)
     trb report RUN_OR_SWEEP...   compare runs grouped by their differing settings: paired intervals, plots, a table
     trb toy build [--out DIR]    rebuild the embedded toy models (bit for bit with transformers 5.24.0)
 
@@ -28,8 +29,8 @@ from trb.errors import RunStopped, UserError, has_started
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# trb never downloads at run time unless asked (HF_HUB_OFFLINE=0): hub ids resolve from the cache
-# or fail at once with a message, instead of after 20-45 s of retries.
+# trb's run commands never download (trb download does): hub ids resolve from the cache or fail at once
+# with a message, instead of after 20-45 s of retries.
 _USER_OFFLINE = os.environ.get("HF_HUB_OFFLINE")  # as the user set it (trb download refuses to run offline)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
@@ -590,6 +591,21 @@ def bench_engine_cmd(
         raise typer.Exit(code=2) from None
     res.update(kind="engine", pair="+".join(p for p in pairs.split(",") if p))
     typer.echo(f"wrote {write_result(res, out)}")
+
+
+@bench_app.command("data")
+def bench_data_cmd(
+    mb: int = typer.Option(200, help="Size of the generated prompt file (OpenThoughts3's layout), MB."),
+    sizes: str = typer.Option("1000,25600", help="train_size values, comma-separated."),
+    workdir: Path = typer.Option(None, help="Where the file and its Arrow cache go (default: a temporary dir)."),
+    out: Path = typer.Option(None, help="JSON output (default benchmarks/results/data_TIME.json)."),
+) -> None:
+    """Host memory of loading a large prompt file: trb's loader (memory-mapped Arrow, selected rows only) vs
+    a whole-file reader, peak RSS per train_size, each in a fresh process."""
+    from trb.bench import write_result
+    from trb.bench_data import bench_data
+
+    typer.echo(f"wrote {write_result(bench_data(mb, _ints(sizes), workdir, log=typer.echo), out)}")
 
 
 @bench_app.command("grading")

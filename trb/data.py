@@ -201,6 +201,7 @@ def _quiet_datasets():
 
     datasets.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity(50)  # CRITICAL: trb reports a failed read itself, in one line
+    datasets.config.HF_HUB_OFFLINE = True  # run commands read the cache only (trb download fetches)
     return datasets
 
 
@@ -301,7 +302,7 @@ def _train_selection(src: _Source, cfg: DatasetConfig, seed: int, setting: str, 
     order = _order(src.n, cfg.select, seed)
     if held:
         order = order[~np.isin(order, np.asarray(held_out))]
-    want = cfg.train_size or len(order)
+    want = cfg.train_size or len(order)  # 0: every row left (fewer where repeats are passed over)
     if want > len(order):
         why = f" left after the {len(held)} held out" if held else ""
         raise _too_few(cfg, "train", want, len(order), src.label, why)
@@ -316,7 +317,7 @@ def _train_selection(src: _Source, cfg: DatasetConfig, seed: int, setting: str, 
                 continue
             if len(rows) < want:
                 rows.append(r), idx.append(i), keys.append(k)
-    if len(rows) < want:
+    if len(rows) < want and cfg.train_size:
         raise _too_few(cfg, "train", want, len(rows), src.label,
                        f" left after the {len(held)} held out and {dropped} that repeat an eval problem")
     how = "first" if cfg.select == "first" else f"shuffle (seed {seed})"
@@ -383,8 +384,8 @@ def select_data(train_cfg: DatasetConfig, eval_cfg: DatasetConfig | None, seed: 
     toy_eval = ecfg.name == "toy" and not ecfg.path
     if not ecfg.answer_field:
         raise DatasetError(f"{eprefix}={ecfg.name} has no gold answers ({eprefix}.answer_field=null), so it cannot be "
-                           f"the eval set: name one, e.g. eval_dataset=math500 (or gsm8k, or eval_dataset=jsonl "
-                           f"eval_dataset.path=FILE)")
+                           f"the eval set: name one, e.g. dataset@eval_dataset=math500 (or gsm8k, or "
+                           f"dataset@eval_dataset=jsonl eval_dataset.path=FILE)")
     if not toy_train and not train_cfg.path and not train_cfg.train_split:
         raise DatasetError(f"dataset={train_cfg.name} is an evaluation set (it has no training split): train on "
                            f"another dataset (e.g. dataset=math_train, gsm8k, openthoughts3), or set "

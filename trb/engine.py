@@ -371,7 +371,7 @@ def model_folder(path: str | None, setting: str = "the model path") -> str:
         except Exception:  # noqa: BLE001 - not cached, or no hub library: the message below says what to do
             pass
     raise EngineError(f"engine=vllm starts from a model folder with config.json; {setting}={path!r} is neither one "
-                      f"nor a hub id in the Hugging Face cache (`hf download {path}` first, or use engine=hf)")
+                      f"nor a hub id in the Hugging Face cache (`trb download --model {path}` first, or use engine=hf)")
 
 
 _CACHED: dict = {}  # {"key": ..., "engine": VLLMEngine}: one engine per process

@@ -15,7 +15,7 @@ import torch
 
 from trb.checkpoint import checkpoint_step, list_checkpoints
 from trb.config import EvalConfig, ModelConfig
-from trb.data import fit_prompts, load_rows, render
+from trb.data import DATA_FILE, fit_prompts, load_rows, question_key, render
 from trb.download import eval_items, model_items, require_cached
 from trb.evaluate import evaluate
 from trb.grading import Grader
@@ -39,6 +39,17 @@ def resolve_checkpoints(spec) -> list[str]:
         else:
             out.append(str(item))
     return out
+
+
+def trained_on(ckpt: str, rows: list[dict]) -> int:
+    """How many of `rows` the trb run that saved `ckpt` trained on (its run dir's data.json); 0 when
+    the checkpoint is not a trb run's."""
+    record = Path(ckpt).expanduser().parent.parent / DATA_FILE
+    try:
+        keys = {k for _, k in json.loads(record.read_text())["train"]["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return sum(question_key(r["question"]) in keys for r in rows)
 
 
 def required(cfg: EvalConfig) -> list:
@@ -69,6 +80,10 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
             # engine) the weights: it stays on the CPU
             model, tok = load_model(mcfg, "checkpoint", device if kind == "hf" else torch.device("cpu"),
                                     setting="checkpoint")
+            seen = trained_on(ckpt, rows)
+            if seen:  # scored anyway (a user may mean it), but never silently
+                log(f"warning: {seen} of {len(rows)} eval problems were training prompts of the run that saved "
+                    f"{ckpt} (its data.json); its score on them is not held-out accuracy")
             rows_k, too_long = fit_prompts(tok, rows, cfg.prompt, cfg.max_prompt_tokens)
             if not rows_k:
                 raise ValueError(f"no problem's prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
@@ -89,6 +104,7 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
                                             cfg.decoding, progress=bar.update)
             metrics["eval/seconds"] = time.time() - t0
             metrics["eval/skipped_too_long"] = too_long
+            metrics["eval/trained_on"] = seen
             step = checkpoint_step(ckpt)
             if len(checkpoints) == 1:
                 name = "samples.jsonl"

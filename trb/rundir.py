@@ -32,7 +32,7 @@ from trb.checkpoint import _comparable, checkpoint_step, list_checkpoints
 from trb.errors import UserError, started
 
 LOCK = ".trb.lock"
-RUN_FILES = ("train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "wandb", "wandb_run_id")
+RUN_FILES = ("train_config.json", "data.json", "metrics.jsonl", "summary.json", "checkpoints", "wandb", "wandb_run_id")
 
 
 class RunDirError(UserError):
