@@ -41,7 +41,7 @@ _CHILD = r"""
 import json, sys, time
 mode, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def status():
-    out = {}
+    out = {}  # VmHWM: peak resident; RssAnon: private memory now; RssFile: file pages mapped now
     for line in open("/proc/self/status"):
         k = line.split(":")[0]
         if k in ("VmHWM", "RssAnon", "RssFile"):
@@ -76,7 +76,8 @@ def _measure(mode: str, path: Path, size: int, cache: Path) -> dict:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return {"mode": mode, "rows": out["rows"], "seconds": round(out["seconds"], 2),
             "peak_rss_mb": round(out["end"]["VmHWM"]), "baseline_rss_mb": round(out["base"]["VmHWM"]),
-            "anon_end_mb": round(out["end"]["RssAnon"]), "file_mapped_end_mb": round(out["end"]["RssFile"])}
+            "anon_end_mb": round(out["end"]["RssAnon"]), "file_mapped_end_mb": round(out["end"]["RssFile"]),
+            "private_growth_mb": round(out["end"]["RssAnon"] - out["base"]["RssAnon"])}
 
 
 def bench_data(mb: int = 200, sizes=(1000, 25600), workdir: Path | None = None, log=print) -> dict:
@@ -98,11 +99,14 @@ def bench_data(mb: int = 200, sizes=(1000, 25600), workdir: Path | None = None, 
             r.update(train_size=size, first_read=fresh)
             rows.append(r)
             log(f"{mode:<10} train_size {size:>6} {'first read' if fresh else 'cached    '}  peak RSS "
-                f"{r['peak_rss_mb']:>5} MB (baseline {r['baseline_rss_mb']} MB; private {r['anon_end_mb']} MB, "
-                f"mapped file {r['file_mapped_end_mb']} MB)  {r['seconds']:.1f} s")
+                f"{r['peak_rss_mb']:>5} MB (after imports {r['baseline_rss_mb']} MB); private memory +"
+                f"{r['private_growth_mb']} MB; mapped file pages {r['file_mapped_end_mb']} MB  {r['seconds']:.1f} s")
     by = {(r["mode"], r["train_size"], r["first_read"]): r for r in rows}
     ratios = {f"whole_file/trb peak at {s}": round(by[("whole_file", s, False)]["peak_rss_mb"] /
                                                     by[("trb", s, False)]["peak_rss_mb"], 2) for s in sizes}
+    for s in sizes:
+        ratios[f"whole_file/trb private growth at {s}"] = round(by[("whole_file", s, False)]["private_growth_mb"] /
+                                                              max(1, by[("trb", s, False)]["private_growth_mb"]), 1)
     ratios[f"trb peak {sizes[-1]}/{sizes[0]}"] = round(by[("trb", sizes[-1], False)]["peak_rss_mb"] /
                                                        by[("trb", sizes[0], False)]["peak_rss_mb"], 2)
     log("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
