@@ -179,7 +179,7 @@ def test_paper_preset_first_step_runs_on_shrunk_qwen3(name, tmp_path):
     run = tmp_path / "run"
     r = cli(["train", f"experiment={name}", f"student.path={paths['student']}", f"teacher.path={paths['teacher']}",
              f"dataset.path={fixtures / 'openthoughts_tiny.jsonl'}",
-             f"eval_dataset.path={fixtures / 'math500_tiny.jsonl'}",
+             f"eval_dataset.path={fixtures / 'math500_tiny.jsonl'}", "dataset.train_size=0",
              "steps=1", "prompts_per_step=2", "rollout.max_new_tokens=8", "eval_decoding.n=2",
              "eval_decoding.max_new_tokens=8", "eval_decoding.ks=[1,2]", "logger.kind=none", f"hydra.run.dir={run}"],
             cwd=tmp_path)

@@ -248,8 +248,12 @@ def test_two_concurrent_runs_one_refused(pair, tmp_path):
                 (out / ".trb.lock").exists() and (out / "metrics.jsonl").exists()
                 and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
             time.sleep(0.2)
+        log_before, hydra_before = (out / "train.log").read_text(), _snapshot(out / ".hydra")
         second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and "is in use by trb pid" in second.stderr, second.stderr[-2000:]
+        # the refused process wrote nothing there: the running run's log only grew, its .hydra/ is its own
+        assert (out / "train.log").read_text().startswith(log_before) and "trb train:" in log_before
+        assert _snapshot(out / ".hydra") == hydra_before and hydra_before
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=120)

@@ -86,6 +86,13 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
     if named is not None and named.exists() and not named.is_dir():
         typer.echo(f"error: the run dir {named} is a file, not a directory: use another output_dir", err=True)
         raise typer.Exit(code=2)
+    if named is not None and not multirun:
+        from trb.rundir import busy
+
+        held = busy(named)
+        if held:  # another live process writes there: refuse before Hydra adds its job log and .hydra/
+            typer.echo(f"error: {held}", err=True)
+            raise typer.Exit(code=2)
     before = _DirState.capture(named) if named is not None and not multirun else None
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
@@ -189,7 +196,11 @@ def _join_ranks() -> None:
 
     from trb import distributed
 
-    distributed.init("auto" if torch.cuda.is_available() else "cpu")
+    try:
+        distributed.init("auto" if torch.cuda.is_available() else "cpu")
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
     os.environ["TRB_RUN_STAMP"] = distributed.shared_now().strftime("%Y-%m-%d_%H-%M-%S")
 
 

@@ -520,6 +520,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads
     output_dir: Optional[str] = None  # results dir (set by Hydra's run dir when None)
+    overwrite: bool = False  # a dir holding another eval: move its files aside to <dir>.replaced-<time>/
 
     def __post_init__(self) -> None:
         _finite(self, "")

@@ -120,15 +120,15 @@ class Selection:
 
 
 class _Source:
-    """One table of rows (memory-mapped Arrow, or the toy generator's list)."""
+    """One table of rows: a file or a hub split, memory-mapped Arrow. `setting` is the config section
+    that names it (dataset | eval_dataset), for messages."""
 
     def __init__(self, cfg: DatasetConfig, split: str | None, setting: str):
         self.cfg, self.split, self.setting = cfg, split, setting
-        self.records = None  # the toy's generated rows
         if cfg.path:
             self.key = ("file", str(Path(cfg.path).expanduser().resolve()))
             self.label = cfg.path
-            self.table = _read_local(cfg)
+            self.table = _read_local(cfg, setting)
         else:
             configs = cfg.hub_config if isinstance(cfg.hub_config, list) else [cfg.hub_config]
             self.key = ("hub", cfg.hub_id, json.dumps(configs), split)
@@ -138,11 +138,11 @@ class _Source:
         self.columns = set(self.table.column_names)
         top = cfg.question_field.split(".")[0]
         if top not in self.columns:
-            raise DatasetError(f"{self.label}: no field {cfg.question_field!r} (set dataset.question_field / "
-                               f"dataset.answer_field; fields there: {sorted(self.columns)[:10]})")
+            raise DatasetError(f"{self.label}: no field {cfg.question_field!r} (set {setting}.question_field / "
+                               f"{setting}.answer_field; fields there: {sorted(self.columns)[:10]})")
         if cfg.answer_field and cfg.answer_field.split(".")[0] not in self.columns:
-            raise DatasetError(f"{self.label}: no field {cfg.answer_field!r} (set dataset.answer_field, or null for "
-                               f"prompts without gold answers; fields there: {sorted(self.columns)[:10]})")
+            raise DatasetError(f"{self.label}: no field {cfg.answer_field!r} (set {setting}.answer_field, or null "
+                               f"for prompts without gold answers; fields there: {sorted(self.columns)[:10]})")
         self.n = len(self.table)
         if not self.n:
             raise DatasetError(f"{self.label} holds no rows")
@@ -158,7 +158,7 @@ class _Source:
         out = []
         for lo in range(0, len(indices), _TAKE_BATCH):
             chunk = indices[lo : lo + _TAKE_BATCH]
-            batch = table.select(chunk).to_list() if hasattr(table, "to_list") else list(table.select(chunk))
+            batch = table.select(chunk).to_list()
             out += [_adapt_one(rec, cfg, self.label, i) for i, rec in zip(chunk, batch)]
         return out
 
@@ -208,16 +208,16 @@ def _quiet_datasets():
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def _read_local(cfg: DatasetConfig):
+def _read_local(cfg: DatasetConfig, setting: str = "dataset"):
     path = Path(cfg.path).expanduser()
     if not path.exists():
-        raise DatasetError(f"dataset.path={cfg.path!r} does not exist")
+        raise DatasetError(f"{setting}.path={cfg.path!r} does not exist")
     if not path.is_file():
-        raise DatasetError(f"dataset.path={cfg.path!r} is a directory: give a .jsonl, .json or .parquet file (a "
-                           f"folder in a hub dataset's layout goes in dataset.hub_id)")
+        raise DatasetError(f"{setting}.path={cfg.path!r} is a directory: give a .jsonl, .json or .parquet file (a "
+                           f"folder in a hub dataset's layout goes in {setting}.hub_id)")
     fmt = _FORMATS.get(path.suffix)
     if fmt is None:
-        raise DatasetError(f"dataset.path={cfg.path!r}: trb reads .jsonl, .json and .parquet files")
+        raise DatasetError(f"{setting}.path={cfg.path!r}: trb reads .jsonl, .json and .parquet files")
     if path.stat().st_size == 0:
         raise DatasetError(f"{cfg.path} holds no rows")
     datasets = _quiet_datasets()
@@ -227,7 +227,7 @@ def _read_local(cfg: DatasetConfig):
         if fmt == "json":
             _check_json_lines(path)  # a message that names the line, where one is to blame
         cause = err.__cause__ or err
-        raise DatasetError(f"dataset.path={cfg.path!r} could not be read ({type(cause).__name__}: "
+        raise DatasetError(f"{setting}.path={cfg.path!r} could not be read ({type(cause).__name__}: "
                            f"{str(cause).splitlines()[0][:200] if str(cause) else ''}); each row must be an object "
                            f"whose fields keep one type") from None
 
@@ -404,6 +404,7 @@ def select_data(train_cfg: DatasetConfig, eval_cfg: DatasetConfig | None, seed: 
     exclude = set(ev.keys) if same or overlap == "drop" else set()
     tr = _train_selection(tsrc, train_cfg, seed, _setting(train_cfg, "dataset", tsrc.split),
                           ev.indices if same else [], exclude)
+    _check_golds(tr.rows, train_cfg, tr.source, log)  # rewards of rows without a gold answer are NaN
     if same:  # held out first; repeats of a held-out question inside the file are passed over too
         if tr.dropped:
             log(f"data: {tr.dropped} training rows of {tsrc.label} repeat a held-out eval problem and were passed over")

@@ -77,15 +77,59 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+RENDEZVOUS_TIMEOUT_S = 300  # TRB_RENDEZVOUS_TIMEOUT: how long ranks outside torchrun wait for each other
+
+
+def _rendezvous_store():
+    """Outside torchrun (Slurm tasks, or cluster variables left in a shell): rank 0 hosts the store
+    and every rank waits at most TRB_RENDEZVOUS_TIMEOUT seconds for the others, so a missing peer
+    ends the run with a message instead of hanging (the process group's own timeout, which bounds
+    every collective, stays torch's default). Under torchrun its agent holds the store: None."""
+    from datetime import timedelta
+
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: os.environ.get(k) for k in names}
+    missing = [k for k in names if not env[k]]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']} asks for several processes, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun (or set RANK, "
+                         f"MASTER_ADDR, MASTER_PORT for every rank), or unset WORLD_SIZE for one process")
+    try:
+        rank, size, port = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"])
+    except ValueError:
+        raise ValueError(f"RANK={env['RANK']}, WORLD_SIZE={env['WORLD_SIZE']} and MASTER_PORT={env['MASTER_PORT']} "
+                         f"must be integers") from None
+    if not 0 <= rank < size:
+        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={size - 1}")
+    wait = float(os.environ.get("TRB_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT_S))
+    try:
+        return dist.TCPStore(env["MASTER_ADDR"], port, size, rank == 0, timeout=timedelta(seconds=wait),
+                             wait_for_workers=True)
+    except Exception as err:  # noqa: BLE001 - DistStoreError, RuntimeError, OSError by platform
+        what = "the other ranks did not join" if rank == 0 else "rank 0 could not be reached"
+        raise ValueError(f"{what} within {wait:g} s (WORLD_SIZE={size}, RANK={rank}, MASTER_ADDR="
+                         f"{env['MASTER_ADDR']}, MASTER_PORT={port}; TRB_RENDEZVOUS_TIMEOUT sets the wait): start "
+                         f"every rank (torchrun --nproc_per_node N -m trb train ...), or unset WORLD_SIZE / RANK / "
+                         f"MASTER_ADDR / MASTER_PORT for one process [{type(err).__name__}]") from None
+
+
 def init(device: str = "auto") -> World:
     """Join the process group torchrun (or Slurm) describes (no-op for a single process)."""
     if not launched():
         return World()
     if not dist.is_initialized():
+        store = _rendezvous_store()
         if device != "cpu" and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # NCCL for CUDA tensors, gloo for CPU ones (device=cpu on a GPU machine, CPU-side reductions)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
         _OWN[0] = True
     return current()
 

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from trb.download import eval_items, model_items, require_cached
 from trb.evaluate import evaluate
 from trb.grading import Grader
 from trb.engine import check_temperature, make_engine, resolve_kind
-from trb.models import ModelLoadError, load_model, prepare_run, resolve_path, stop_spec
+from trb.models import (ModelLoadError, check_folder, check_positions, load_model, pick_device, prepare_run,
+                        resolve_path, stop_spec)
+from trb.rundir import Claim, RunDirError, _take_lock
+from trb.tracking import metrics_records
 from trb.tracking import Tracker
 
 
@@ -59,27 +64,157 @@ def required(cfg: EvalConfig) -> list:
     return items + eval_items(cfg.dataset)
 
 
+EVAL_FILES = ("eval_config.json", "results.json", "metrics.jsonl")
+# settings that do not change what an eval computes: an eval dir resumed with other values is the same eval
+_EVAL_BOOKKEEPING = ("checkpoint", "output_dir", "logger", "threads", "device", "grader_workers", "overwrite",
+                     "datasets")
+
+
+def _comparable(config: dict) -> dict:
+    out = {k: v for k, v in config.items() if k not in _EVAL_BOOKKEEPING}
+    out["engine"] = {"kind": (config.get("engine") or {}).get("kind")}  # the rest are memory / speed knobs
+    out["decoding"] = {k: v for k, v in (config.get("decoding") or {}).items() if k != "batch"}
+    return out
+
+
+def checkpoint_id(ckpt: str) -> str:
+    """What a checkpoint is, for reusing its results: the folder and its files' sizes and times (a
+    checkpoint rewritten in place is another one)."""
+    folder = Path(resolve_path(ModelConfig(path=ckpt), "checkpoint")).expanduser()
+    if not folder.is_dir():
+        return f"hub:{ckpt}"
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                   if p.suffix in (".safetensors", ".json"))
+    return hashlib.sha256(json.dumps([str(folder.resolve()), files]).encode()).hexdigest()[:16]
+
+
+def claim_eval_dir(cfg: EvalConfig, out_dir: Path) -> tuple[Claim, dict[str, dict]]:
+    """Lock an eval's output dir and decide what it holds: nothing (a new eval), the same eval (its
+    evaluated checkpoints are reused), or something else (refused unless overwrite=true, which moves
+    it aside). Returns the claim and the reusable records by checkpoint id."""
+    created = not out_dir.exists()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"output_dir {out_dir} is a file, not a directory: use another output_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock, fd, note = _take_lock(out_dir)
+    except OSError as err:
+        raise RunDirError(f"cannot write into output_dir {out_dir}: {err.strerror}; use another output_dir") from None
+    claim = Claim(out_dir, None, lock, created, [], False, [note] if note else [], fd)
+    try:
+        if (out_dir / "train_config.json").exists():
+            raise RunDirError(f"output_dir {out_dir} holds a trb train run: an eval writes into a dir of its own "
+                              f"(e.g. output_dir={out_dir}/eval_<dataset>)")
+        files = [n for n in EVAL_FILES if (out_dir / n).exists()]
+        files += sorted(p.name for p in out_dir.glob("samples*.jsonl"))
+        if files and cfg.overwrite:
+            claim.aside = files
+            return claim, {}
+        if not files:
+            return claim, {}
+        aside = f"overwrite=true to move the old eval aside to {out_dir.name}.replaced-<time>/"
+        if not (out_dir / "eval_config.json").exists():
+            raise RunDirError(f"output_dir {out_dir} holds eval files ({', '.join(files)}) but no eval_config.json, "
+                              f"so trb cannot tell which eval they are: use another output_dir, or {aside}")
+        try:
+            saved = json.loads((out_dir / "eval_config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirError(f"{out_dir / 'eval_config.json'} cannot be read ({err}); use another output_dir, or "
+                              f"{aside}") from None
+        a, b = _comparable(saved), _comparable(json.loads(json.dumps(dataclasses.asdict(cfg))))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise RunDirError(f"output_dir {out_dir} holds another eval (its eval_config.json differs in: "
+                              f"{', '.join(diff)}); use another output_dir, or {aside}")
+        done = {r["checkpoint_id"]: r for r in metrics_records(out_dir / "metrics.jsonl")
+                if r.get("checkpoint_id") and (out_dir / str(r.get("samples"))).is_file()}
+        return claim, done
+    except BaseException:
+        claim.abort()
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
+    """Evaluate every checkpoint of cfg into out_dir (a dir of this eval's own: locked; an earlier run
+    of the same eval there is continued, its evaluated checkpoints reused)."""
     require_cached(required(cfg))
-    out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
     checkpoints = resolve_checkpoints(cfg.checkpoint)
+    for ckpt in checkpoints:  # every checkpoint readable and whole before the first is decoded
+        check_folder(ckpt, "checkpoint")
     rows = load_rows(cfg.dataset, cfg.seed, role="eval", log=log)
-    n_seq = len(rows) * cfg.decoding.n
+    device = pick_device(cfg.device)
     kind = resolve_kind(cfg.engine.kind, device)
     check_temperature(kind, cfg.decoding.temperature, "decoding.temperature", cfg.decoding.greedy)
+    out_dir = Path(out_dir)
+    claim, done = claim_eval_dir(cfg, out_dir)
+
+    def commit() -> None:
+        """The first write, once the first checkpoint to decode has loaded and passed its checks (a
+        refusal before it leaves the dir as it was)."""
+        if claim.fd is None or getattr(commit, "done", False):
+            return
+        commit.done = True
+        moved = claim.commit()
+        if moved is not None:
+            log(f"overwrite=true: the previous eval's files moved to {moved}")
+        _write_atomic(out_dir / "eval_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        for tmp in out_dir.glob("*.tmp"):  # a write cut by a kill: never a record
+            tmp.unlink()
+        if (out_dir / "metrics.jsonl").exists():  # only whole records whose samples are there (a torn line goes)
+            _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in done.values()))
+
+    try:
+        return _evaluate_all(cfg, out_dir, checkpoints, rows, kind, done, commit, log)
+    except BaseException:
+        if not getattr(commit, "done", False):
+            claim.abort()
+        raise
+    finally:
+        claim.release()
+
+
+def _evaluate_all(cfg: EvalConfig, out_dir: Path, checkpoints: list[str], rows: list[dict], kind: str,
+                  done: dict, commit, log) -> dict:
+    out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
+    n_seq = len(rows) * cfg.decoding.n
+    ids = [checkpoint_id(c) for c in checkpoints]
+    todo = [c for c, i in zip(checkpoints, ids) if i not in done]
+    reused = len(checkpoints) - len(todo)
     log(f"trb eval: {len(checkpoints)} checkpoint(s) x {len(rows)} problems x n={cfg.decoding.n} on {device} "
-        f"({'vLLM' if kind == 'vllm' else 'trb decoder'})")
-    tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
+        f"({'vLLM' if kind == 'vllm' else 'trb decoder'})" +
+        (f"; {reused} already evaluated here with these settings (reused)" if reused else ""))
+    if not todo:
+        commit()
+    tracker = None
     results = []
     from tqdm import tqdm
 
     with Grader(workers=cfg.grader_workers) as grader:
-        for idx, ckpt in enumerate(checkpoints):
+        for idx, (ckpt, cid) in enumerate(zip(checkpoints, ids)):
+            step = checkpoint_step(ckpt)
+            if cid in done:
+                rec = done[cid]
+                results.append({"checkpoint": ckpt, "step": step, "samples": rec["samples"],
+                                "metrics": {k: v for k, v in rec.items() if k.startswith("eval/")}})
+                continue
             mcfg = ModelConfig(path=ckpt, dtype=cfg.dtype)
             # with vLLM the transformers copy only gives the tokenizer, the stop ids and (to a running
             # engine) the weights: it stays on the CPU
-            model, tok = load_model(mcfg, "checkpoint", device if kind == "hf" else torch.device("cpu"),
-                                    setting="checkpoint")
+            try:
+                model, tok = load_model(mcfg, "checkpoint", device if kind == "hf" else torch.device("cpu"),
+                                        setting="checkpoint")
+            except ModelLoadError as err:
+                if results:  # the earlier checkpoints' results are kept: a rerun here continues after the fix
+                    raise ModelLoadError(f"{err} (the {len(results)} checkpoint(s) before it are evaluated and kept "
+                                         f"in {out_dir}; a rerun there without it, or after fixing it, continues)") \
+                        from None
+                raise
             seen = trained_on(ckpt, rows)
             if seen:  # scored anyway (a user may mean it), but never silently
                 log(f"warning: {seen} of {len(rows)} eval problems were training prompts of the run that saved "
@@ -87,14 +222,20 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
             rows_k, too_long = fit_prompts(tok, rows, cfg.prompt, cfg.max_prompt_tokens)
             if not rows_k:
                 raise ValueError(f"no problem's prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
+            longest = max(len(p) for p in tok([render(tok, r["question"], cfg.prompt) for r in rows_k],
+                                              add_special_tokens=False)["input_ids"])
+            check_positions([model], longest + cfg.decoding.max_new_tokens,
+                            "the longest prompt + decoding.max_new_tokens")
+            commit()
+            if tracker is None:
+                tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
             if too_long:
                 log(f"warning: {too_long} of {len(rows)} problems have prompts over max_prompt_tokens="
                     f"{cfg.max_prompt_tokens} tokens and are skipped (eval/skipped_too_long)")
             t0 = time.time()
             max_len = cfg.engine.max_model_len
             if kind == "vllm" and not max_len:  # the longest prompt kept + the completion cap
-                max_len = cfg.decoding.max_new_tokens + max(len(p) for p in tok(
-                    [render(tok, r["question"], cfg.prompt) for r in rows_k], add_special_tokens=False)["input_ids"])
+                max_len = cfg.decoding.max_new_tokens + longest
             # a running engine gets this checkpoint's weights pushed (version None: always); a new one loads them
             engine = make_engine(kind, model, resolve_path(mcfg, "checkpoint"), model.dtype, cfg.engine, max_len,
                                  cfg.seed, device, trust_remote_code=mcfg.trust_remote_code, setting="checkpoint",
@@ -105,16 +246,16 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
             metrics["eval/seconds"] = time.time() - t0
             metrics["eval/skipped_too_long"] = too_long
             metrics["eval/trained_on"] = seen
-            step = checkpoint_step(ckpt)
             if len(checkpoints) == 1:
                 name = "samples.jsonl"
             else:
-                name = f"samples_step_{step:06d}.jsonl" if step is not None else f"samples_{idx}.jsonl"
-            with (out_dir / name).open("w") as f:
-                for s in samples:
-                    f.write(json.dumps(s) + "\n")
+                name = f"samples_step_{step:06d}.jsonl" if step is not None else f"samples_{cid[:8]}.jsonl"
+            _write_atomic(out_dir / name, "".join(json.dumps(s) + "\n" for s in samples))
             results.append({"checkpoint": ckpt, "step": step, "samples": name, "metrics": metrics})
-            tracker.log(metrics, step if step is not None else idx)
+            # the metrics line is the checkpoint's record (written after its samples file is whole): a killed
+            # eval rerun in this dir reuses it
+            tracker.log(metrics, step if step is not None else idx,
+                        record={"checkpoint": ckpt, "checkpoint_id": cid, "samples": name})
             cols = ["problem", "sample", "prompt", "completion", "extracted", "vote", "gold", "correct"]
             tracker.table("eval/samples", cols, [[s[c] for c in cols] for s in samples[:1000]],
                           step if step is not None else idx)  # one table per checkpoint
@@ -129,8 +270,9 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
     out = {"config": dataclasses.asdict(cfg), "dataset": cfg.dataset.name, "problems": len(rows),
            "results": results, "grading": grading,
            "curve": [{"step": r["step"], "pass@1": r["metrics"]["eval/pass@1"]} for r in results]}
-    (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
-    tracker.finish()
+    _write_atomic(out_dir / "results.json", json.dumps(out, indent=1, default=str))
+    if tracker is not None:
+        tracker.finish()
     if len(results) > 1:
         log("step      pass@1")
         for r in results:
@@ -147,7 +289,8 @@ def run_eval_suite(suite: list[tuple[str, EvalConfig]], out_dir: Path | str, log
     require_cached([it for _, c in suite for it in required(c)])
     for _name, c in suite:  # every dataset readable, every checkpoint found, before the first decode
         load_rows(c.dataset, c.seed, role="eval", log=lambda m: None)
-        resolve_checkpoints(c.checkpoint)
+        for ckpt in resolve_checkpoints(c.checkpoint):
+            check_folder(ckpt, "checkpoint")
     longest = max(c.max_prompt_tokens + c.decoding.max_new_tokens for _, c in suite)
     per: dict[str, dict] = {}
     for name, c in suite:

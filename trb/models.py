@@ -57,10 +57,17 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str |
         # on a GPU the weights go straight from the safetensors files to the device (no full copy in host RAM
         # per rank: 8 ranks x (student + teacher) would otherwise pass through the CPU at once)
         placement = {"device_map": str(device)} if device.type == "cuda" else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[cfg.dtype], use_safetensors=True, local_files_only=True,
-            trust_remote_code=cfg.trust_remote_code, **placement,
-        )
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its MISSING / UNEXPECTED table: trb refuses those below, in one line
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=_DTYPES[cfg.dtype], use_safetensors=True, local_files_only=True,
+                trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **placement,
+            )
+        finally:
+            hf_logging.set_verbosity(level)
     except Exception as err:  # noqa: BLE001 - transformers / safetensors / json raise many types
         text = str(err).splitlines()[0][:200] if str(err) else ""
         if "trust_remote_code" in str(err):
@@ -76,7 +83,76 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str |
                 f"downloads at run time). Fetch it with `{download.HINT}` or set {key}=/path/to/folder. "
                 f"({type(err).__name__}: {text})") from None
         raise
+    check_loaded(info, key, path)
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ModelLoadError(f"the {role}'s weights hold NaN or inf ({len(bad)} parameter tensors, e.g. {bad[0]}): "
+                             f"{key}={path!r} is broken (a checkpoint: use an earlier one)")
     return model.to(device).eval(), tok
+
+
+def check_positions(models, longest: int, settings: str) -> None:
+    """The longest sequence a command can build must fit every model's positions (max_position_embeddings)."""
+    limits = [int(n) for m in models if (n := getattr(m.config, "max_position_embeddings", None))]
+    if limits and longest > min(limits):
+        raise ModelLoadError(f"{settings} = {longest:,} tokens, beyond the {min(limits):,} positions of the model "
+                             f"(config.json max_position_embeddings): lower them")
+
+
+def check_loaded(info: dict, key: str, path: str) -> None:
+    """Refuse weights that do not fill the architecture its config.json describes: missing tensors
+    (transformers would initialise them at random), unexpected ones (dropped), or other shapes."""
+    parts = []
+    for kind, what in (("missing_keys", "missing (they would be random)"), ("unexpected_keys", "unexpected"),
+                       ("mismatched_keys", "of another shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or [])
+        if names:
+            parts.append(f"{len(names)} {what}, e.g. {names[0]}")
+    if parts:
+        raise ModelLoadError(f"{key}={path!r}: its weights do not match its config.json ({'; '.join(parts)}): the "
+                             f"checkpoint is incomplete, or config.json is another model's")
+
+
+def check_folder(path: str, key: str) -> None:
+    """Before anything is decoded: a model folder trb can load (config.json, safetensors weights whose
+    headers read, each file whole); hub ids and toy names are checked when loaded."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if path.startswith(("toy:",)) or (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
+            return
+        raise ModelLoadError(f"{key}={path!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{key}={path!r} has no config.json: not a model folder")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{key}={path!r} holds no .safetensors weights")
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                stored |= set(h.keys())
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError
+            raise ModelLoadError(f"{key}={path!r}: {f.name} cannot be read ({str(err).splitlines()[0][:120]}): the "
+                                 f"file is truncated or not safetensors") from None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:  # the tensors config.json's architecture has, on the meta device (no memory): every one stored?
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - remote code, unknown architectures: checked when loaded
+        return
+    aliases: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    known = {n for names in aliases.values() for n in names} | {n for n, _ in skeleton.named_buffers()}
+    missing = sorted(names[0] for names in aliases.values() if not stored & set(names))
+    unexpected = sorted(stored - known)
+    if missing or unexpected:
+        info = {"missing_keys": missing, "unexpected_keys": unexpected}
+        check_loaded(info, key, path)
 
 
 def _eos_ids(model, tok) -> list[int]:

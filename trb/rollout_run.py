@@ -31,7 +31,7 @@ from trb.download import eval_items, model_items, require_cached
 from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
 from trb.evaluate import decode_completions
 from trb.grading import Grader
-from trb.models import check_pair, load_model, prepare_run
+from trb.models import check_positions, check_pair, load_model, prepare_run
 from trb.rollout import TOKEN_FIELDS, Sampler, StopSpec, concat_rollouts, rollout, teacher_scores
 from trb.tracking import Tracker
 from trb.methods import Method
@@ -244,6 +244,8 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     student.eval()
     teacher.eval()
     stop = check_pair(student, tok, teacher, t_tok)
+    check_positions((student, teacher), cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                    "rollout.max_prompt_tokens + rollout.max_new_tokens")
     if cfg.num_prompts:
         rows = rows[: cfg.num_prompts]
     eps = cfg.blend.schedule()(cfg.step)

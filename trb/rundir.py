@@ -53,11 +53,7 @@ def _take_lock(run_dir: Path) -> tuple[Path, int, str | None]:
         except BlockingIOError:
             held = _read_lock(fd)
             os.close(fd)
-            raise RunDirError(
-                f"output_dir {run_dir} is in use by trb pid {held.get('pid')} on {held.get('host')} since "
-                f"{held.get('started')}: a second process would mix both runs; wait for it or use another "
-                f"output_dir (the lock is released when that process ends; delete {path} only if the file "
-                f"system does not support locks)") from None
+            raise RunDirError(_in_use(run_dir, held)) from None
         try:  # the file may have been removed and re-created by its previous holder meanwhile
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -72,6 +68,32 @@ def _take_lock(run_dir: Path) -> tuple[Path, int, str | None]:
         os.pwrite(fd, json.dumps(me).encode(), 0)
         return path, fd, note
     raise RunDirError(f"could not take the lock {path}: other processes keep re-creating it")
+
+
+def busy(run_dir: Path) -> str | None:
+    """The refusal message when another live process holds run_dir's lock, else None; touches nothing
+    (the CLI asks before Hydra writes its job log and .hydra/ into a dir another run is writing)."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _in_use(Path(run_dir), _read_lock(fd))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def _in_use(run_dir: Path, held: dict) -> str:
+    return (f"output_dir {run_dir} is in use by trb pid {held.get('pid')} on {held.get('host')} since "
+            f"{held.get('started')}: a second process would mix both runs; wait for it or use another "
+            f"output_dir (the lock is released when that process ends; delete {run_dir / LOCK} only if the file "
+            f"system does not support locks)")
 
 
 def _read_lock(fd: int) -> dict:

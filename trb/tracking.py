@@ -72,11 +72,12 @@ class Tracker:
                     warnings.warn(f"W&B init failed ({err}); continuing with metrics.jsonl only", stacklevel=2)
                     self.run = None
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, record: dict | None = None) -> None:
+        """`record`: extra fields for metrics.jsonl only (what the line is about, e.g. a checkpoint path)."""
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                  for k, v in metrics.items()}
         rec = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                for k, v in clean.items()}}
+                                for k, v in clean.items()}, **(record or {})}
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
         if self.run is not None:

@@ -53,7 +53,7 @@ from trb.losses import Estimator, Target, chunked_distill_loss, chunked_nll_loss
 from trb.methods import Method
 from trb.microbatch import MicroBatch, Sequences, filler, response_hidden, split
 from trb.engine import check_temperature, make_engine, resolve_kind, serves
-from trb.models import activation_checkpointing, check_pair, load_model, prepare_run, resolve_path
+from trb.models import check_positions, activation_checkpointing, check_pair, load_model, prepare_run, resolve_path
 from trb.rollout import Sampler, rollout, score_micro_batch, student_records
 from trb.tracking import Tracker
 
@@ -519,22 +519,47 @@ def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
     return claim or rundir.Claim(run_dir, Path(resume) if resume else None, None, False, [], False, [])
 
 
+def _host_available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+CPU_RESERVE_GB = 0.5  # kept free of the host's available memory when a CPU run is planned
+
+
 def check_plan(cfg: TrainConfig, world: World, log) -> None:
-    """On GPUs (plan.check): the memory plan of this run, refused in seconds if it cannot fit,
-    before any weight is loaded or anything is written."""
-    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if not cfg.plan.check or not on_gpu:  # (whether the GPU exists is checked when the device is picked)
+    """plan.check: the memory plan of this run, refused in seconds if it cannot fit, before any
+    weight is loaded or anything is written: per GPU on GPUs; on the CPU against the host memory
+    available now (shared by the processes), with trb's decoder (engine=auto there)."""
+    if not cfg.plan.check:
         return
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     from trb.plan import PlanError, plan_memory
 
+    device_gb, where = 0.0, "per device"
+    if not on_gpu:  # (whether a GPU asked for exists is checked when the device is picked)
+        avail = _host_available_gb()
+        if avail is None:
+            return
+        device_gb, where = avail / world.size, f"of the host's {avail:.1f} GB available now"
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kind=resolve_kind(
+            cfg.engine.kind, torch.device("cpu"))), plan=dataclasses.replace(cfg.plan, reserve_gb=min(
+                cfg.plan.reserve_gb, CPU_RESERVE_GB)))
     try:
-        plan = plan_memory(cfg, world_size=world.size)
+        plan = plan_memory(cfg, world_size=world.size, device_gb=device_gb)
     except PlanError as err:
         log(f"warning: no memory plan ({err}); starting without the check")
         return
     if not plan.fits:
-        raise ValueError(plan.refusal())
-    log(f"memory plan: peak {plan.peak_gb:.1f} GB of {plan.device_gb:.0f} GB per device ({plan.peak_phase})")
+        raise ValueError(plan.refusal() if on_gpu else f"on the CPU ({where}): {plan.refusal()}")
+    if on_gpu:
+        log(f"memory plan: peak {plan.peak_gb:.1f} GB of {plan.device_gb:.0f} GB per device ({plan.peak_phase})")
 
 
 @dataclasses.dataclass
@@ -595,6 +620,9 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
                 f"{role}.path={getattr(cfg, role).path!r}"
             raise ValueError(f"the {role}'s weights hold NaN or inf ({bad} parameter tensors): {where} is broken")
     stop = check_pair(student, tok, teacher, t_tok)
+    longest = cfg.rollout.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval_decoding.max_new_tokens)
+    check_positions((student, teacher), longest, "rollout.max_prompt_tokens + rollout.max_new_tokens (or "
+                                                 "eval_decoding.max_new_tokens)")
     vocab = stop.vocab
     if cfg.loss.estimator == "topk" and cfg.loss.k > vocab:
         raise ValueError(f"loss.k={cfg.loss.k} exceeds the vocabulary size {vocab}; use loss.k <= {vocab} "

@@ -1,0 +1,189 @@
+"""Every command owns its output and refuses what it cannot trust: an eval dir belongs to one eval
+(locked, never overwritten or appended to by another, a killed eval continued), weights that do not
+fill their config or hold NaN, lengths beyond the models' positions or the machine's memory, a
+refused process that must not touch a running run's files, ranks that never come."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import cli, save_pair
+from test_run_safety import _snapshot, config, quiet, refused
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def run2(pair, tmp_path_factory):
+    """A finished training run with checkpoints at steps 1 and 2."""
+    from trb.train import train
+
+    run = tmp_path_factory.mktemp("run2") / "run"
+    train(config(pair, steps=2), run, log=quiet)
+    return run
+
+
+EVAL = ["dataset.eval_size=4", "decoding.max_new_tokens=6", "logger.kind=none", "engine=hf"]
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- 1. an eval dir belongs to one eval -------------------------------------------------------------
+
+
+def test_eval_dir_rerun_reuses_other_settings_refused_overwrite_moves_aside(run2, tmp_path):
+    out = tmp_path / "ev"
+    first = cli(["eval", f"checkpoint={run2}", *EVAL, f"output_dir={out}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _snapshot(out)
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2] and all(r["checkpoint_id"] for r in recs)
+    # the same eval again: nothing recomputed, nothing appended
+    again = cli(["eval", f"checkpoint={run2}", *EVAL, f"output_dir={out}", "decoding.batch=2"], cwd=tmp_path)
+    assert again.returncode == 0 and "2 already evaluated here" in again.stdout, again.stderr[-2000:]
+    assert _metrics(out) == recs
+    assert json.loads((out / "results.json").read_text())["results"] == \
+        json.loads(before["results.json"])["results"]
+    # another eval into the same dir: refused, the dir as it was (eval.log and .hydra/ included)
+    snap = _snapshot(out)
+    refused([f"checkpoint={run2}", *[a for a in EVAL if not a.startswith("dataset.")], "dataset.eval_size=3",
+             f"output_dir={out}"], tmp_path, "holds another eval", "dataset", "overwrite=true", command="eval")
+    assert _snapshot(out) == snap
+    # overwrite=true moves the old eval aside and starts over
+    res = cli(["eval", f"checkpoint={run2}", *EVAL[1:], "dataset.eval_size=3", f"output_dir={out}",
+               "overwrite=true"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("ev.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "results.json").read_bytes() == snap["results.json"]
+    assert json.loads((out / "results.json").read_text())["problems"] == 3
+
+
+def test_a_killed_multi_checkpoint_eval_continues_without_duplicates(run2, tmp_path):
+    out = tmp_path / "ev"
+    res = cli(["eval", f"checkpoint={run2}", *EVAL, f"output_dir={out}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    full = _metrics(out)
+    # as if killed while the second checkpoint's samples were being written: its record never committed
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    (out / "samples_step_000002.jsonl").rename(out / "samples_step_000002.jsonl.tmp")
+    (out / "results.json").unlink()
+    res = cli(["eval", f"checkpoint={run2}", *EVAL, f"output_dir={out}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "1 already evaluated here" in res.stdout
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2] and recs[0] == full[0]
+    assert recs[1]["eval/pass@1"] == full[1]["eval/pass@1"]  # seeded: the same result
+    assert not list(out.glob("*.tmp"))
+
+
+def test_two_evals_into_one_dir_one_refused(run2, tmp_path):
+    import fcntl
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    lock = out / ".trb.lock"
+    lock.write_text(json.dumps({"pid": 31337, "host": "here", "started": "now"}))
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        refused([f"checkpoint={run2}", *EVAL, f"output_dir={out}"], tmp_path, "in use by trb pid 31337",
+                command="eval")
+    finally:
+        os.close(held)
+
+
+def test_eval_into_a_train_run_dir_is_refused(run2, tmp_path):
+    refused([f"checkpoint={run2}", *EVAL, f"output_dir={run2}"], tmp_path, "holds a trb train run", command="eval")
+
+
+# --- 2. weights that do not fill their config, 3. NaN weights ------------------------------------------
+
+
+def _with_layers(src: str, dst: Path, layers: int) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    if "layer_types" in cfg:
+        cfg["layer_types"] = [cfg["layer_types"][0]] * layers
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_missing_or_unexpected_weights_refused_everywhere(pair, tmp_path):
+    layers = json.loads((Path(pair[0]) / "config.json").read_text())["num_hidden_layers"]
+    more = _with_layers(pair[0], tmp_path / "more", layers + 2)  # config asks for layers the file lacks
+    fewer = _with_layers(pair[1], tmp_path / "fewer", layers - 1)  # the file holds a layer the config lacks
+    refused([f"checkpoint={more}", *EVAL, f"output_dir={tmp_path / 'e1'}"], tmp_path,
+            "weights do not match its config.json", "missing (they would be random)", command="eval")
+    refused([f"checkpoint=[{pair[0]},{fewer}]", *EVAL, f"output_dir={tmp_path / 'e2'}"], tmp_path,
+            "unexpected, e.g. model.layers", command="eval")  # found before the first checkpoint is decoded
+    refused([f"student.path={pair[0]}", f"teacher.path={fewer}", "steps=1", "logger.kind=none",
+             "dataset.eval_size=4", "dataset.train_size=20", f"output_dir={tmp_path / 't'}"], tmp_path,
+            "teacher.path=", "unexpected")
+    refused([f"student.path={more}", f"teacher.path={pair[1]}", "num_prompts=2", "logger.kind=none",
+             f"output_dir={tmp_path / 'r'}"], tmp_path, "student.path=", "missing", command="rollout")
+
+
+def test_eval_refuses_nan_weights(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(pair[0], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    refused([f"checkpoint={bad}", *EVAL, f"output_dir={tmp_path / 'e'}"], tmp_path,
+            "weights hold NaN or inf", command="eval")
+
+
+# --- 4. lengths -----------------------------------------------------------------------------------
+
+
+def test_lengths_beyond_positions_or_memory_are_refused_in_seconds(pair, tmp_path):
+    t0 = time.time()
+    refused(["rollout.max_new_tokens=100000000", "logger.kind=none", f"output_dir={tmp_path / 'a'}"], tmp_path,
+            "on the CPU", "the memory plan does not fit", "rollout.max_new_tokens")
+    assert time.time() - t0 < 120  # (was: 22.9 GB and the OOM killer after 69 s)
+    refused(["rollout.max_new_tokens=600", "logger.kind=none", f"output_dir={tmp_path / 'b'}"], tmp_path,
+            "beyond the 512 positions")
+    refused(["checkpoint=toy:student", "decoding.max_new_tokens=600", "dataset.eval_size=2", "logger.kind=none",
+             f"output_dir={tmp_path / 'c'}"], tmp_path, "decoding.max_new_tokens", "512 positions", command="eval")
+
+
+# --- 6. ranks that never come ---------------------------------------------------------------------
+
+
+def test_stray_cluster_variables_fail_in_bounded_time(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "TRB_RENDEZVOUS_TIMEOUT": "3", "WANDB_MODE": "disabled"}
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "trb", "train", f"output_dir={tmp_path / 'o'}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and time.time() - t0 < 60, res.stderr[-2000:]
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "did not join within 3 s" in errors[0] and "MASTER_PORT" in errors[0]
+    assert not (tmp_path / "o").exists()
+    env.pop("MASTER_ADDR")
+    res = subprocess.run([sys.executable, "-m", "trb", "train"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "MASTER_ADDR" in res.stderr and "Traceback" not in res.stderr
