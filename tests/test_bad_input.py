@@ -60,7 +60,7 @@ def _fails_cleanly(args, tmp_path, out_dir, *needles, timeout=120):
     ("loss.k=100000", "loss.k=100000 exceeds the vocabulary size"),
     ("method.skd_top_k=100000", "method.skd_top_k=100000 exceeds the vocabulary size"),
     ("student.path=/nonexistent/model", "student.path='/nonexistent/model' does not exist"),
-    ("teacher.path=Qwen/Qwen3-4B", "teacher model 'Qwen/Qwen3-4B' is not a local folder and is not in the"),
+    ("teacher.path=Qwen/Qwen3-4B", "not in the local Hugging Face cache ("),
     ("resume=/nonexistent/ckpt", "is not a trb checkpoint"),
     ("dataset.path=/nonexistent.jsonl", "dataset.path='/nonexistent.jsonl' does not exist"),
 ])

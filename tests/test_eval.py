@@ -48,7 +48,8 @@ def test_adapters_on_fixtures():
     g = load_rows(DatasetConfig(name="gsm8k", path=str(FIX / "gsm8k_tiny.jsonl"), eval_size=0))
     assert [r["gold"] for r in g] == ["7", "1200", "30", "18"]
     m = load_rows(DatasetConfig(name="math", path=str(FIX / "math_tiny.jsonl"), question_field="problem",
-                                answer_field="solution", answer_kind="boxed", keep_fields=["type", "level"], eval_size=0))
+                                answer_field="solution", answer_kind="boxed", keep_fields=["type", "level"],
+                                eval_size=0))
     assert [r["gold"] for r in m] == ["1024", "2\\sqrt{2}", "6"] and m[0]["type"] == "Algebra"
     m5 = load_rows(DatasetConfig(name="math500", path=str(FIX / "math500_tiny.jsonl"), question_field="problem",
                                  answer_kind="plain", eval_size=2, select="first"))
@@ -142,9 +143,10 @@ def test_trb_eval_cli_writes_consistent_results(tmp_path):
     (["dataset=gsm8k"], "Please reason step by step", 32, 8192),  # the dataset's own eval settings
     (["dataset=math500"], "Please reason step by step", 64, 8192),
     (["dataset=gsm8k", "decoding=greedy"], "Please reason step by step", 1, 48),  # a named group wins
-    (["dataset=gsm8k", "prompt=bare", "decoding.n=4"], None, 4, 8192),  # and keys win
+    (["dataset=gsm8k", "prompt=bare", "decoding.n=4", "decoding.ks=[1,4]"], None, 4, 8192),  # and keys win
 ])
 def test_dataset_presets_carry_their_eval_settings(args, instruction, n, new_tokens):
+    """(decoding.n below a preset's ks is refused: test_ks_above_n_is_refused.)"""
     from hydra import compose, initialize_config_dir
 
     from trb.cli import CONF_DIR, to_schema
@@ -155,3 +157,9 @@ def test_dataset_presets_carry_their_eval_settings(args, instruction, n, new_tok
     assert (cfg.prompt.instruction or "").startswith(instruction or "") and bool(cfg.prompt.instruction) == \
         bool(instruction)
     assert cfg.decoding.n == n and cfg.decoding.max_new_tokens == new_tokens
+
+
+def test_ks_above_n_is_refused():
+    with pytest.raises(ValueError, match=r"decoding.ks=\[1, 8, 32\] asks .* above decoding.n=4 .*decoding.ks=\[1\]"):
+        DecodingConfig(greedy=False, n=4, ks=[1, 8, 32])
+    assert DecodingConfig(greedy=False, n=8, ks=[1, 8]).ks == [1, 8]

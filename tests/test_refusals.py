@@ -187,3 +187,114 @@ def test_stray_cluster_variables_fail_in_bounded_time(tmp_path):
     res = subprocess.run([sys.executable, "-m", "trb", "train"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "MASTER_ADDR" in res.stderr and "Traceback" not in res.stderr
+
+
+# --- the poorer groups ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, arg, needle", [
+    ("train", "stepz=3", "stepz is not a setting of trb train (did you mean steps?)"),
+    ("train", "decodng.n=4", "did you mean eval_decoding.n"),
+    ("train", "method=foo", "method=foo: no such option"),
+    ("train", "method=opd,trbb", "did you mean method=trb?"),
+    ("train", "eval_dataset=math500", "dataset@eval_dataset=math500"),
+    ("train", "eval_dataset.path=x.jsonl", "choose one first, e.g. dataset@eval_dataset=jsonl"),
+    ("eval", "steps=3", "steps is not a setting of trb eval"),
+    ("plan", "stepz=3", "did you mean steps?"),
+])
+def test_typos_are_one_line_with_the_nearest_key(tmp_path, command, arg, needle):
+    res = cli([command, arg, f"output_dir={tmp_path / 'o'}"], cwd=tmp_path, timeout=120)
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and needle in errors[0], res.stderr[-2000:]
+    assert "+stepz" not in res.stderr.replace("(+stepz=... adds a new key on purpose)", "")
+    assert os.listdir(tmp_path) == []  # nothing written, no outputs/<command>/<time>/
+
+
+def test_tracebacks_become_one_line(pair, tmp_path, run2):
+    res = cli(["train", f"output_dir={tmp_path / ('a' * 300)}"], cwd=tmp_path)
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "longer than the file system allows" in errors[0]
+    assert "Traceback" not in res.stderr and os.listdir(tmp_path) == []
+    (tmp_path / "afile").write_text("")
+    refused([f"output_dir={tmp_path / 'afile' / 'x'}"], tmp_path, "is a file, not a directory")
+    # trb report names the file it cannot read
+    bad = tmp_path / "bad_run"
+    shutil.copytree(run2, bad)
+    (bad / "train_config.json").write_text("{bad")
+    res = cli(["report", str(bad), "--out", str(tmp_path / "rep")], cwd=tmp_path)
+    assert res.returncode == 2 and f"{bad / 'train_config.json'} is not valid JSON" in res.stderr, res.stderr[-2000:]
+    # a chat template the sandbox refuses
+    sneaky = tmp_path / "sneaky"
+    shutil.copytree(pair[0], sneaky)
+    tc = json.loads((sneaky / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{{ messages.__class__.__mro__ }}"
+    (sneaky / "tokenizer_config.json").write_text(json.dumps(tc))
+    for extra in list(sneaky.glob("chat_template.*")):
+        extra.unlink()
+    refused([f"checkpoint={sneaky}", *EVAL, f"output_dir={tmp_path / 'e'}"], tmp_path,
+            "chat template failed", "prompt=plain", command="eval")
+
+
+def test_sweep_job_dirs_stay_inside_and_are_bounded(tmp_path):
+    sweep = tmp_path / "sweep" / "inner"
+    long = "p" * 300
+    res = cli(["train", "-m", f"logger.project=../../escape,{long}", "steps=0", "logger.kind=none",
+               "dataset.eval_size=4", "eval_decoding.max_new_tokens=4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+              timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all(len(j.encode()) <= 200 for j in jobs) and "escape" in jobs[0]
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "sweep" / "escape").exists()
+    assert all((sweep / j / "summary.json").exists() for j in jobs)
+
+
+def test_settings_that_would_be_ignored_are_refused(tmp_path):
+    refused(["method=trb", "rollout.temperature=0.7", f"output_dir={tmp_path / 'o'}"], tmp_path,
+            "rollout.temperature=0.7 is not used by method=trb")
+    refused(["method=skd", "rollout.temperature=0.7", f"output_dir={tmp_path / 'o'}"], tmp_path,
+            "method.skd_temperature")
+    refused(["checkpoint=toy:student", "decoding=sampled", "decoding.n=4", f"output_dir={tmp_path / 'o'}"], tmp_path,
+            "decoding.ks=[1, 4, 8] asks", "decoding.ks=[1,4]", command="eval")
+    res = cli(["plan", "plan.world_size=3", f"output_dir={tmp_path / 'p'}"], cwd=tmp_path)
+    assert res.returncode == 2 and "do not divide prompts_per_step=16" in res.stderr, res.stderr[-2000:]
+
+
+def test_bookkeeping_keys_do_not_change_a_runs_identity(pair, tmp_path):
+    from trb.train import train
+
+    run = tmp_path / "run"
+    train(config(pair, steps=2), run, log=quiet)
+    out = train(config(pair, steps=3, save_every=2), run, log=quiet)  # another save_every: the same run
+    assert out["resumed_from"].endswith("step_000002")
+    # an extension that failed after rewriting train_config.json (steps=5 there, last checkpoint 3): the
+    # original command (steps=3) is the same run again
+    saved = json.loads((run / "train_config.json").read_text())
+    saved["steps"] = 5
+    (run / "train_config.json").write_text(json.dumps(saved))
+    out = train(config(pair, steps=3, save_every=2), run, log=quiet)
+    assert out["resumed_from"].endswith("step_000003")
+
+
+def test_a_reused_report_dir_keeps_no_stale_plot(run2, tmp_path):
+    out = tmp_path / "rep"
+    other = tmp_path / "other"
+    shutil.copytree(run2, other)
+    cfg = json.loads((other / "train_config.json").read_text())
+    cfg["method"]["name"], cfg["blend"]["kind"] = "opd", "none"
+    (other / "train_config.json").write_text(json.dumps(cfg))
+    res = cli(["report", str(run2), str(other), "--out", str(out)], cwd=tmp_path)
+    assert res.returncode == 0 and (out / "difference.png").exists(), res.stderr[-2000:]
+    res = cli(["report", str(run2), "--out", str(out), "--baseline", ""], cwd=tmp_path)
+    assert res.returncode == 0 and not (out / "difference.png").exists(), res.stderr[-2000:]
+
+
+def test_rollout_dir_rules(tmp_path):
+    out = tmp_path / "ro"
+    args = ["num_prompts=2", "logger.kind=none", "rollout.max_new_tokens=8", f"output_dir={out}"]
+    assert cli(["rollout", *args], cwd=tmp_path).returncode == 0
+    first = (out / "summary.json").read_text()
+    res = cli(["rollout", *args], cwd=tmp_path)  # the same rollout again: replaced, seeded, the same
+    assert res.returncode == 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((out / "summary.json").read_text())["completions"] == json.loads(first)["completions"]
+    refused(["num_prompts=3", "logger.kind=none", "rollout.max_new_tokens=8", f"output_dir={out}"], tmp_path,
+            "holds another rollout", "overwrite=true", command="rollout")

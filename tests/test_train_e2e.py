@@ -188,7 +188,7 @@ def test_non_finite_loss_stops_with_the_step(pair, tmp_path):
     r = _cli(args, cwd=tmp_path)  # refused at load, before a step
     assert r.returncode == 2 and "teacher's weights hold NaN or inf" in r.stderr and "Traceback" not in r.stderr
     # with the load check out of the way, the first step's loss is the guard
-    code = ("import sys; import trb.train as t; t.nonfinite_params = lambda *a, **k: 0; from trb.cli import main; "
+    code = ("import sys; import trb.models as m; m.nonfinite_names = lambda *a, **k: []; from trb.cli import main; "
             "sys.argv = ['trb', *sys.argv[1:]]; main()")
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "WANDB_MODE": "disabled"})

@@ -142,8 +142,8 @@ def restore_rng(state: dict) -> None:
 
 # memory knobs (train: micro-batches, checkpointing, compute dtype; plan) may change on resume: a run that ran
 # out of memory continues with a smaller budget
-_RESUMABLE_IGNORED = ("resume", "overwrite", "keep_last", "log_every", "logger", "output_dir", "threads", "device",
-                      "parallel", "train", "plan")
+_RESUMABLE_IGNORED = ("resume", "overwrite", "keep_last", "log_every", "save_every", "logger", "output_dir", "threads",
+                      "device", "parallel", "train", "plan", "eval_overlap")
 # ... and inside sections: how rollouts are decoded (the same tokens: per-row noise) and evaluated
 _RESUMABLE_IGNORED_FIELDS = {"rollout": ("max_rows", "dtype", "static_cache", "compile_step", "compile_search"),
                              "eval_decoding": ("batch",)}

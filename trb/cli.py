@@ -75,16 +75,53 @@ def to_schema(cfg, schema):
         raise UserError(f"invalid config: {err}") from None
 
 
+def sweep_subdir(num, name) -> str:
+    """A sweep job's dir name: NUM_<overrides> with path separators and `..` replaced (a value such as
+    ../x must not write outside the sweep dir), at most 200 bytes (longer: cut, plus a hash of the whole)."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[/\\\x00-\x1f]", "_", str(name or "")).replace("..", "__")
+    full = f"{num}_{safe}" if safe else str(num)
+    if len(full.encode()) > 200:
+        full = full.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    return full
+
+
+def _unusable_dir(path: Path) -> str | None:
+    """Why a run dir cannot be made or written (a name too long, no write permission), else None."""
+    text = str(path)
+    too_long = [part for part in Path(text).parts if len(part.encode()) > 255]
+    if too_long or len(os.fsencode(os.path.abspath(text))) > 4000:
+        return (f"output_dir {text[:80]}...: a name in it is longer than the file system allows; use a shorter "
+                f"output_dir")
+    probe = Path(os.path.abspath(text))
+    while not probe.exists():
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == Path(os.path.abspath(text)):
+            return f"the run dir {text} is a file, not a directory: use another output_dir"
+        return f"output_dir {text}: {probe} is a file, not a directory; use another output_dir"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"output_dir {text}: {probe} is not writable; fix its permissions or use another output_dir"
+    return None
+
+
 def run_hydra(config_name: str, args: list[str], task) -> None:
     """Run `task(cfg_dict, run_dir)` under Hydra with trb/conf/<config_name>.yaml and `args`."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("trb_subdir"):
+        OmegaConf.register_new_resolver("trb_subdir", sweep_subdir)
 
     failures: list[str] = []
     multirun = any(a in ("-m", "--multirun") for a in args)
     named = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("hydra.run.dir=")), None)
-    if named is not None and named.exists() and not named.is_dir():
-        typer.echo(f"error: the run dir {named} is a file, not a directory: use another output_dir", err=True)
+    problem = _unusable_dir(named) if named is not None else None
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(code=2)
     if named is not None and not multirun:
         from trb.rundir import busy
@@ -237,6 +274,7 @@ def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
         raise typer.Exit(code=2)
 
     _maybe_help(name, name, schema, list(ctx.args))
+    _check_overrides(name, schema, list(ctx.args))
 
     def task(cfg, run_dir: Path) -> None:
         typed = to_schema(cfg, schema)
@@ -343,6 +381,17 @@ def _maybe_help(command: str, conf_name: str, schema, args: list[str]) -> None:
     raise typer.Exit(code=0)
 
 
+def _check_overrides(conf_name: str, schema, args: list[str]) -> None:
+    """A typo'd key or group option: one line naming the nearest valid ones, exit 2, before Hydra runs
+    (its own message spans lines and suggests `+key=`, which would add a key nothing reads)."""
+    from trb.helptext import check_overrides
+
+    problem = check_overrides(conf_name, schema, CONF_DIR, args)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(code=2)
+
+
 def _run_dir_args(args: list[str]) -> list[str]:
     """output_dir=X (one run) is Hydra's run dir too: .hydra/ and the log live with the run, and no
     stray outputs/<command>/<time>/ is made."""
@@ -360,6 +409,7 @@ def plan_cmd(ctx: typer.Context) -> None:
     from trb.config import TrainConfig
 
     _maybe_help("plan", "train", TrainConfig, list(ctx.args))
+    _check_overrides("train", TrainConfig, list(ctx.args))
     from trb.plan import PlanError, run_plan
 
     codes: list[int] = []

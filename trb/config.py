@@ -289,7 +289,10 @@ class DecodingConfig:
         _check(0 < self.top_p <= 1, f"decoding.top_p must be in (0, 1]; got {self.top_p}")
         _check(all(k >= 1 for k in self.ks), f"decoding.ks must be >= 1; got {self.ks}")
         _check(self.seed >= 0, f"decoding.seed must be >= 0; got {self.seed}")
-        self.ks = [k for k in self.ks if k <= self.n] or [1]
+        over = [k for k in self.ks if k > self.n]
+        fit = ",".join(str(k) for k in [k for k in self.ks if k <= self.n] or [1])
+        _check(not over, f"decoding.ks={self.ks} asks for pass@k / maj@k with k above decoding.n={self.n} samples "
+                         f"(k = {', '.join(map(str, over))}): set decoding.ks=[{fit}] or raise decoding.n")
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -417,6 +420,12 @@ class TrainConfig:
         _check(self.eval_overlap in ("refuse", "drop", "allow"),
                f"eval_overlap must be refuse, drop or allow; got {self.eval_overlap!r}")
         check_method_blend(self.method, self.blend)
+        _check(self.rollout.temperature == 1.0 or self.method.name not in ("trb", "fixed", "skd"),
+               f"rollout.temperature={self.rollout.temperature} is not used by method={self.method.name}: "
+               + ("SKD samples the student at temperature 1 and the teacher at method.skd_temperature"
+                  if self.method.name == "skd" else "the trust-region blend is built from the temperature-1 "
+                  "distributions") + "; set rollout.temperature=1 (tempered student sampling: method=opd or "
+               "temp_warmup)")
         longest = self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
         _check(not self.train.micro_batch_tokens or self.train.micro_batch_tokens >= longest,
                f"train.micro_batch_tokens={self.train.micro_batch_tokens} is below the longest sequence "
@@ -489,6 +498,7 @@ class RolloutRunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads
     output_dir: Optional[str] = None  # output dir (set by Hydra's run dir when None)
+    overwrite: bool = False  # a dir holding another rollout: move its files aside to <dir>.replaced-<time>/
 
     def __post_init__(self) -> None:
         _finite(self, "")

@@ -479,7 +479,12 @@ def render(tokenizer, question: str, prompt: PromptConfig) -> str:
             raise DatasetError(f"prompt.enable_thinking={str(prompt.enable_thinking).lower()}: the model's chat "
                                f"template has no thinking switch; set prompt.enable_thinking=null")
         extra["enable_thinking"] = prompt.enable_thinking
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
+    except Exception as err:  # noqa: BLE001 - jinja2's TemplateError / SecurityError, the template's own raise
+        raise DatasetError(f"the model's chat template failed on a prompt ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:160] if str(err) else ''}): fix the tokenizer's "
+                           f"chat_template, or use prompt=plain") from None
 
 
 def fit_prompts(tokenizer, rows: list[dict], prompt: PromptConfig, max_tokens: int) -> tuple[list[dict], int]:

@@ -117,3 +117,55 @@ def render_help(command: str, conf_name: str, schema, conf_dir: Path, overrides:
     if footer:
         lines += ["", footer.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def check_overrides(conf_name: str, schema, conf_dir: Path, args: list[str]) -> str | None:
+    """The one-line refusal for the first override that names no setting or no group option (with the
+    nearest valid ones), else None. Hydra's own keys, `+key=` additions and `~key` removals pass."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    primary = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{conf_name}.yaml"), resolve=False)
+    groups, unset = {}, set()
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, dict):
+            (key, default), = entry.items()
+            key = key.removeprefix("optional ")
+            group = key.split("@")[0]
+            if (conf_dir / group).is_dir():
+                groups[key] = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+                if default is None and "@" in key:
+                    unset.add(key)
+    chosen = {a.split("=", 1)[0].lstrip("+") for a in args if "=" in a}
+    keys = set(schema_docs(schema))
+    for arg in args:
+        if arg.startswith(("-", "+", "~", "hydra.", "hydra/")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if key in groups:
+            if any(c in value for c in "()[]{}*$") or value == "null":
+                continue
+            bad = [v for v in value.split(",") if v and v not in groups[key]]
+            if bad:
+                near = difflib.get_close_matches(bad[0], groups[key], n=1)
+                hint = f" (did you mean {key}={near[0]}?)" if near else ""
+                return (f"{key}={bad[0]}: no such option{hint}; {key} is one of {', '.join(groups[key])} "
+                        f"(trb/conf/{key.split('@')[0]}/)")
+            continue
+        with_group = [g for g in groups if "@" in g and g.split("@")[-1] == key]
+        if with_group:
+            return (f"{key} is chosen as a config group: {with_group[0]}={value} (one of "
+                    f"{', '.join(groups[with_group[0]])}); its settings are {key}.*")
+        empty = [g for g in unset if key.startswith(g.split("@")[-1] + ".") and g not in chosen]
+        if empty and "experiment" not in chosen:  # (an experiment preset may choose it)
+            target = empty[0].split("@")[-1]
+            return (f"{key}: no {target} is chosen, so it has no settings yet; choose one first, e.g. "
+                    f"{empty[0]}=jsonl {key}={value}")
+        if key in keys:
+            continue
+        near = difflib.get_close_matches(key, sorted(keys | set(groups)), n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        return (f"{key} is not a setting of trb {conf_name}{hint}; `trb {conf_name} --help` lists them all "
+                f"(+{key}=... adds a new key on purpose)")
+    return None

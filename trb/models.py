@@ -84,11 +84,16 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str |
                 f"({type(err).__name__}: {text})") from None
         raise
     check_loaded(info, key, path)
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = nonfinite_names(model)
     if bad:
         raise ModelLoadError(f"the {role}'s weights hold NaN or inf ({len(bad)} parameter tensors, e.g. {bad[0]}): "
                              f"{key}={path!r} is broken (a checkpoint: use an earlier one)")
     return model.to(device).eval(), tok
+
+
+def nonfinite_names(model) -> list[str]:
+    """The parameters holding NaN or inf."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def check_positions(models, longest: int, settings: str) -> None:

@@ -231,6 +231,10 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
     import os
 
     w = world_size or cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.prompts_per_step % w:
+        raise PlanError(f"{w} processes do not divide prompts_per_step={cfg.prompts_per_step} (each rank takes an "
+                        f"equal share; trb train refuses this run): set plan.world_size to a divisor of "
+                        f"{cfg.prompts_per_step}, or change prompts_per_step")
     dev_gb = device_gb or cfg.plan.device_gb or _visible_gpu_gb() or 80.0
     s = student or load_shape(cfg.student, "student")
     t = teacher or load_shape(cfg.teacher, "teacher")

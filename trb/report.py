@@ -153,7 +153,13 @@ def _ckey(v) -> str:
 
 
 def load_run(path: Path) -> dict:
-    cfg = json.loads((path / "train_config.json").read_text())
+    try:
+        cfg = json.loads((path / "train_config.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{path / 'train_config.json'} is not valid JSON ({err}): restore it, or leave that run "
+                         f"out of the report") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path / 'train_config.json'} is not a trb train_config.json")
     flat = {k: canon(v) for k, v in flatten(cfg).items() if not _bookkeeping(k)}
     blend = flat.get("blend.kind", "none")
     if not flat.get("method.name"):  # configs from before the method group: name it from the blend
@@ -516,6 +522,9 @@ def plot_schedule(runs_by_label: dict[str, list[dict]], path: Path, early: int =
 # ---------------------------------------------------------------------------------------------
 
 
+REPORT_FILES = ("report.md", "report.json", "accuracy.png", "difference.png", "schedule.png")
+
+
 def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str = "minmax", early: int = 50,
            baseline: str | None = "opd", log=print) -> dict:
     """Write report.md, report.json, accuracy.png, difference.png and schedule.png; print the table."""
@@ -542,6 +551,8 @@ def report(paths: list[Path | str], out_dir: Path | str | None = None, band: str
         out_dir = first if len(paths) == 1 and first not in run_dirs else Path("outputs/report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:  # a reused --out: no plot of an earlier report survives beside this one
+        (out / name).unlink(missing_ok=True)
     table = markdown_table(summary, baseline)
     caption = eval_caption(runs)
     label_of = {p: label for label, g in summary.items() for p in g["runs"]}

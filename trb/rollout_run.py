@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import os
 import math
 import re
 import time
@@ -28,6 +29,7 @@ from trb.blend import compile_search
 from trb.config import RolloutRunConfig
 from trb.data import load_rows
 from trb.download import eval_items, model_items, require_cached
+from trb.errors import has_started
 from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
 from trb.evaluate import decode_completions
 from trb.grading import Grader
@@ -232,6 +234,68 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     require_cached(model_items(cfg.student, "student.path") + model_items(cfg.teacher, "teacher.path") +
                    eval_items(cfg.dataset))
     rows = load_rows(cfg.dataset, cfg.seed, role="eval", log=log)  # before any weight is loaded
+    claim = claim_rollout_dir(cfg, Path(out_dir))
+    try:
+        return _run_rollout(cfg, Path(out_dir), rows, claim, log)
+    except BaseException:
+        if not has_started():
+            claim.abort()
+        raise
+    finally:
+        claim.release()
+
+
+ROLLOUT_FILES = ("summary.json", "rollouts.jsonl", "rollouts.html", "metrics.jsonl")
+_ROLLOUT_BOOKKEEPING = ("output_dir", "logger", "threads", "device", "batch", "overwrite")
+
+
+def claim_rollout_dir(cfg: RolloutRunConfig, out_dir: Path):
+    """Lock a rollout's output dir. It may hold nothing of a rollout, or this same rollout (rerun: its
+    files are replaced; the sampling is seeded), anything else is refused unless overwrite=true (moved
+    aside to <dir>.replaced-<time>/)."""
+    from trb.rundir import Claim, RunDirError, _take_lock
+
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock, fd, note = _take_lock(out_dir)
+    except OSError as err:
+        raise RunDirError(f"cannot write into output_dir {out_dir}: {err.strerror}; use another output_dir") from None
+    claim = Claim(out_dir, None, lock, created, [], False, [note] if note else [], fd)
+    try:
+        if (out_dir / "train_config.json").exists() or (out_dir / "eval_config.json").exists():
+            raise RunDirError(f"output_dir {out_dir} holds a trb train run or eval: a rollout writes into a dir of "
+                              f"its own")
+        files = [n for n in ROLLOUT_FILES if (out_dir / n).exists()]
+        if not files:
+            return claim
+        if cfg.overwrite:
+            claim.aside = files
+            return claim
+        try:
+            saved = json.loads((out_dir / "summary.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        same = saved is not None and all(saved.get(k) == now.get(k) for k in set(saved) | set(now)
+                                         if k not in _ROLLOUT_BOOKKEEPING)
+        if not same:
+            raise RunDirError(f"output_dir {out_dir} holds another rollout ({', '.join(files)}); use another "
+                              f"output_dir, or overwrite=true to move it aside to {out_dir.name}.replaced-<time>/")
+        claim.reset_metrics = True  # the same rollout again: its records are redone (at the first write)
+        return claim
+    except BaseException:
+        claim.abort()
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _run_rollout(cfg: RolloutRunConfig, out_dir: Path, rows: list[dict], claim, log) -> dict:
     out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
     gen = seed_everything(cfg.seed)
     if device.type == "cuda":
@@ -302,12 +366,15 @@ def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
         if cfg.probe.cuts:
             summary["probe"] = continuation_probe(cfg, student, teacher, tok, stop, records, grader, gen, device)
 
-    with (out_dir / "rollouts.jsonl").open("w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+    moved = claim.commit()  # the first write
+    if moved is not None:
+        log(f"overwrite=true: the previous rollout's files moved to {moved}")
+    _write_atomic(out_dir / "rollouts.jsonl", "".join(json.dumps(rec) + "\n" for rec in records))
     title = f"trb rollout: method={cfg.method.name}, step {cfg.step}, eps {eps:g}"
-    write_html(out_dir / "rollouts.html", records, summary, title)
-    (out_dir / "summary.json").write_text(json.dumps(_finite({"config": dataclasses.asdict(cfg), **summary}), indent=1))
+    write_html(out_dir / "rollouts.html.tmp", records, summary, title)
+    os.replace(out_dir / "rollouts.html.tmp", out_dir / "rollouts.html")
+    _write_atomic(out_dir / "summary.json", json.dumps(_finite({"config": dataclasses.asdict(cfg), **summary}),
+                                                       indent=1))
 
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
     tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, cfg.step)

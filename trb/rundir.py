@@ -113,8 +113,9 @@ def _config_diff(saved: dict, now: dict, last_step: int) -> list[str]:
     extension, not a difference, when the lr schedule does not depend on it."""
     saved, now = _comparable(saved), _comparable(now)
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if "steps" in diff and now.get("steps", 0) >= max(last_step, saved.get("steps", 0)) and \
-            now.get("optim", {}).get("decay") == "constant":
+    # `steps` may move (an extension, or back after a failed one) as long as no checkpoint lies beyond it
+    # and the lr schedule does not depend on it
+    if "steps" in diff and now.get("steps", 0) >= last_step and now.get("optim", {}).get("decay") == "constant":
         diff.remove("steps")
     return diff
 
