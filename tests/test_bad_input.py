@@ -71,7 +71,7 @@ def test_bad_values_and_paths(override, needle, tmp_path, out_dir):
 
 
 def test_unknown_group_option_lists_the_valid_ones(tmp_path, out_dir):
-    res, _ = _fails_cleanly(["method=nope"], tmp_path, out_dir, "method/nope")
+    res, _ = _fails_cleanly(["method=nope"], tmp_path, out_dir, "method=nope: no such option")
     for option in ("opd", "trb", "fixed", "skd", "veto", "temp_warmup", "sft_warmup"):
         assert option in res.stderr
 

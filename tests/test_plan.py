@@ -156,10 +156,19 @@ def test_train_on_a_gpu_refuses_a_run_that_cannot_fit_before_loading_anything(tm
     shapes); the paper preset's 64 prompts in one process cannot fit, and nothing is loaded or written."""
     import time
 
+    import shutil
+
+    from trb.plan import SHAPES
+
+    folders = []  # the paper pair's config.json only (no weights: the plan needs shapes, nothing is loaded)
+    for role, shape in (("student", "qwen3-0.6b"), ("teacher", "qwen3-4b")):
+        (tmp_path / role).mkdir()
+        shutil.copy(SHAPES / f"{shape}.json", tmp_path / role / "config.json")
+        folders.append(f"{role}.path={tmp_path / role}")
     out = tmp_path / "run"
     t0 = time.time()
-    r = cli(["train", "experiment=paper_0.6b_4b", "device=cuda", "rollout.max_rows=0", f"output_dir={out}"],
-            cwd=tmp_path)
+    r = cli(["train", "experiment=paper_0.6b_4b", *folders, "dataset.path=unused.jsonl", "eval_dataset.path=x.jsonl",
+             "device=cuda", "rollout.max_rows=0", f"output_dir={out}"], cwd=tmp_path)
     assert r.returncode == 2 and "the memory plan does not fit" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and time.time() - t0 < 60
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, save_pair
-from test_run_safety import _snapshot, config, quiet, refused
+from test_run_safety import _snapshot, config, holding_lock, quiet, refused
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -91,19 +91,10 @@ def test_a_killed_multi_checkpoint_eval_continues_without_duplicates(run2, tmp_p
 
 
 def test_two_evals_into_one_dir_one_refused(run2, tmp_path):
-    import fcntl
-
     out = tmp_path / "ev"
-    out.mkdir()
-    lock = out / ".trb.lock"
-    lock.write_text(json.dumps({"pid": 31337, "host": "here", "started": "now"}))
-    held = os.open(lock, os.O_RDWR)
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
+    with holding_lock(out, 31337, "here", "now"):
         refused([f"checkpoint={run2}", *EVAL, f"output_dir={out}"], tmp_path, "in use by trb pid 31337",
                 command="eval")
-    finally:
-        os.close(held)
 
 
 def test_eval_into_a_train_run_dir_is_refused(run2, tmp_path):

@@ -2,6 +2,7 @@
 training stops, and every user-fixable failure is one `error:` line that leaves the output dir as
 it was (no stray dir either)."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -176,22 +177,30 @@ def test_resume_path_with_later_checkpoints_is_refused(pair, tmp_path):
         train(config(pair, steps=3, resume=str(run / "checkpoints" / "step_000001")), run, log=quiet)
 
 
+@contextlib.contextmanager
+def holding_lock(out: Path, pid: int, host: str, started: str):
+    """This test process holds out's run-dir lock (the flock a live trb process would hold) with the
+    record a trb process writes; released on exit, as a dying process's lock is."""
+    import fcntl
+
+    out.mkdir(exist_ok=True)
+    lock = out / ".trb.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": host, "started": started}))
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        yield lock
+    finally:
+        os.close(held)
+
+
 def test_a_second_process_on_a_run_dir_stops_at_once(pair, tmp_path):
     """A held lock (this test process holds the flock) stops a second run in seconds; a lock file left
     by a process that is gone (SIGKILL, SIGTERM, another host) is taken over with a note."""
-    import fcntl
-
     out = tmp_path / "out"
-    out.mkdir()
-    lock = out / ".trb.lock"
-    lock.write_text(json.dumps({"pid": 424242, "host": "elsewhere", "started": "earlier"}))
-    held = os.open(lock, os.O_RDWR)
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     t0 = time.time()
-    try:
+    with holding_lock(out, 424242, "elsewhere", "earlier") as lock:
         err = refused(_args(pair, out), tmp_path, "is in use by trb pid 424242 on elsewhere", "output_dir")
-    finally:
-        os.close(held)  # released, as a dying process's lock is
     assert time.time() - t0 < 60 and "since earlier" in err
     res = cli(["train", *_args(pair, out)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]

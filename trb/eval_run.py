@@ -24,7 +24,7 @@ from trb.grading import Grader
 from trb.engine import check_temperature, make_engine, resolve_kind
 from trb.models import (ModelLoadError, check_folder, check_positions, load_model, pick_device, prepare_run,
                         resolve_path, stop_spec)
-from trb.rundir import Claim, RunDirError, _take_lock
+from trb.rundir import Claim, RunDirError, lock_dir
 from trb.tracking import metrics_records
 from trb.tracking import Tracker
 
@@ -92,15 +92,7 @@ def claim_eval_dir(cfg: EvalConfig, out_dir: Path) -> tuple[Claim, dict[str, dic
     """Lock an eval's output dir and decide what it holds: nothing (a new eval), the same eval (its
     evaluated checkpoints are reused), or something else (refused unless overwrite=true, which moves
     it aside). Returns the claim and the reusable records by checkpoint id."""
-    created = not out_dir.exists()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirError(f"output_dir {out_dir} is a file, not a directory: use another output_dir")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock, fd, note = _take_lock(out_dir)
-    except OSError as err:
-        raise RunDirError(f"cannot write into output_dir {out_dir}: {err.strerror}; use another output_dir") from None
-    claim = Claim(out_dir, None, lock, created, [], False, [note] if note else [], fd)
+    claim = lock_dir(out_dir)
     try:
         if (out_dir / "train_config.json").exists():
             raise RunDirError(f"output_dir {out_dir} holds a trb train run: an eval writes into a dir of its own "

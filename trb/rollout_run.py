@@ -253,15 +253,9 @@ def claim_rollout_dir(cfg: RolloutRunConfig, out_dir: Path):
     """Lock a rollout's output dir. It may hold nothing of a rollout, or this same rollout (rerun: its
     files are replaced; the sampling is seeded), anything else is refused unless overwrite=true (moved
     aside to <dir>.replaced-<time>/)."""
-    from trb.rundir import Claim, RunDirError, _take_lock
+    from trb.rundir import RunDirError, lock_dir
 
-    created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock, fd, note = _take_lock(out_dir)
-    except OSError as err:
-        raise RunDirError(f"cannot write into output_dir {out_dir}: {err.strerror}; use another output_dir") from None
-    claim = Claim(out_dir, None, lock, created, [], False, [note] if note else [], fd)
+    claim = lock_dir(out_dir)
     try:
         if (out_dir / "train_config.json").exists() or (out_dir / "eval_config.json").exists():
             raise RunDirError(f"output_dir {out_dir} holds a trb train run or eval: a rollout writes into a dir of "

@@ -170,6 +170,28 @@ class Claim:
                 pass
 
 
+def lock_dir(out_dir: Path) -> Claim:
+    """An output dir created if need be and locked, as a Claim that decides nothing yet (trb eval and
+    trb rollout decide what their dir may hold themselves); RunDirError if it cannot be used."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"output_dir {out_dir} is a file, not a directory: use another output_dir")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create output_dir {out_dir}: {err.strerror}; use another output_dir") from None
+    try:
+        lock, fd, note = _take_lock(out_dir)
+    except (OSError, RunDirError) as err:
+        if created:
+            out_dir.rmdir()
+        if isinstance(err, RunDirError):
+            raise
+        raise RunDirError(f"cannot write into output_dir {out_dir}: {err.strerror}; use another output_dir") from None
+    return Claim(out_dir, None, lock, created, [], False, [note] if note else [], fd)
+
+
 def _step_of(ckpt: Path) -> int:
     step = checkpoint_step(ckpt)
     if step is None:
@@ -192,23 +214,7 @@ def _read_config(path: Path) -> dict:
 def claim(cfg, run_dir: Path) -> Claim:
     """Lock run_dir and decide where the run starts (see the module docstring); RunDirError if it
     cannot be used. Call abort() on a later refusal, release() at the end."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"output_dir {run_dir} is a file, not a directory: use another output_dir")
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunDirError(f"cannot create output_dir {run_dir}: {err.strerror}; use another output_dir") from None
-    try:
-        lock, fd, note = _take_lock(run_dir)
-    except (OSError, RunDirError) as err:
-        if created:
-            run_dir.rmdir()
-        if isinstance(err, RunDirError):
-            raise
-        raise RunDirError(f"cannot write into output_dir {run_dir}: {err.strerror}; use another output_dir") from None
-    c = Claim(run_dir, None, lock, created, [], False, [note] if note else [], fd)
+    c = lock_dir(Path(run_dir))
     try:
         _decide(cfg, c)
     except BaseException:
