@@ -128,6 +128,8 @@ def is_cached(item: Item) -> bool:
 def require_cached(items: list[Item], command: str | None = None) -> None:
     """Refuse at start, naming every missing item and the command that fetches them."""
     command = command or HINT
+    if not items:  # local folders and the toy: nothing to look up (and no hub library to import)
+        return
     _offline_libraries()
     missing = [it for it in items if not is_cached(it)]
     if missing:
