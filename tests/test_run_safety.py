@@ -249,8 +249,10 @@ def test_two_concurrent_runs_one_refused(pair, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "disabled"}
     args = [sys.executable, "-m", "trb", "train", *_args(pair, out)]
+    # its output goes to a file: an unread pipe fills up and blocks the run (then Ctrl-C cannot end it)
+    console = (tmp_path / "first.out").open("w")
     first = subprocess.Popen([a if not a.startswith("steps=") else "steps=100000" for a in args], cwd=tmp_path,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=env, stdout=console, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120  # until the first run is inside its training loop
         while time.time() < deadline and not (
@@ -265,7 +267,15 @@ def test_two_concurrent_runs_one_refused(pair, tmp_path):
         assert _snapshot(out / ".hydra") == hydra_before and hydra_before
     finally:
         first.send_signal(signal.SIGINT)
-        first.wait(timeout=120)
+        try:
+            first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait()
+            console.close()
+            raise AssertionError("Ctrl-C did not end the run within 120 s; its output ends: "
+                                 + (tmp_path / "first.out").read_text()[-2000:]) from None
+        console.close()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) >= 3 and steps == sorted(steps)  # one writer
     assert not (out / ".trb.lock").exists()  # released on Ctrl-C
