@@ -434,12 +434,6 @@ def data_record(train: Selection, ev: Selection, overlap: int, policy: str) -> d
     return {"train": train.record(), "eval": ev.record(), "overlap": overlap, "eval_overlap": policy}
 
 
-def write_data_record(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
-
-
 def check_same_data(path: Path, record: dict) -> None:
     """A resumed run reads the rows it started with: refused naming the source where a role's
     fingerprint differs from the run's data.json (a run from before data.json: not checked)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from trb.grading import Grader
 from trb.engine import check_temperature, make_engine, resolve_kind
 from trb.models import (ModelLoadError, check_folder, check_positions, load_model, pick_device, prepare_run,
                         resolve_path, stop_spec)
-from trb.rundir import Claim, RunDirError, lock_dir
+from trb.rundir import Claim, RunDirError, lock_dir, write_atomic
 from trb.tracking import metrics_records
 from trb.tracking import Tracker
 
@@ -126,12 +125,6 @@ def claim_eval_dir(cfg: EvalConfig, out_dir: Path) -> tuple[Claim, dict[str, dic
         raise
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
     """Evaluate every checkpoint of cfg into out_dir (a dir of this eval's own: locked; an earlier run
     of the same eval there is continued, its evaluated checkpoints reused)."""
@@ -155,11 +148,11 @@ def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
         moved = claim.commit()
         if moved is not None:
             log(f"overwrite=true: the previous eval's files moved to {moved}")
-        _write_atomic(out_dir / "eval_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        write_atomic(out_dir / "eval_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
         for tmp in out_dir.glob("*.tmp"):  # a write cut by a kill: never a record
             tmp.unlink()
         if (out_dir / "metrics.jsonl").exists():  # only whole records whose samples are there (a torn line goes)
-            _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in done.values()))
+            write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in done.values()))
 
     try:
         return _evaluate_all(cfg, out_dir, checkpoints, rows, kind, done, commit, log)
@@ -242,7 +235,7 @@ def _evaluate_all(cfg: EvalConfig, out_dir: Path, checkpoints: list[str], rows: 
                 name = "samples.jsonl"
             else:
                 name = f"samples_step_{step:06d}.jsonl" if step is not None else f"samples_{cid[:8]}.jsonl"
-            _write_atomic(out_dir / name, "".join(json.dumps(s) + "\n" for s in samples))
+            write_atomic(out_dir / name, "".join(json.dumps(s) + "\n" for s in samples))
             results.append({"checkpoint": ckpt, "step": step, "samples": name, "metrics": metrics})
             # the metrics line is the checkpoint's record (written after its samples file is whole): a killed
             # eval rerun in this dir reuses it
@@ -262,7 +255,7 @@ def _evaluate_all(cfg: EvalConfig, out_dir: Path, checkpoints: list[str], rows: 
     out = {"config": dataclasses.asdict(cfg), "dataset": cfg.dataset.name, "problems": len(rows),
            "results": results, "grading": grading,
            "curve": [{"step": r["step"], "pass@1": r["metrics"]["eval/pass@1"]} for r in results]}
-    _write_atomic(out_dir / "results.json", json.dumps(out, indent=1, default=str))
+    write_atomic(out_dir / "results.json", json.dumps(out, indent=1, default=str))
     if tracker is not None:
         tracker.finish()
     if len(results) > 1:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import os
 import math
 import re
 import time
@@ -30,6 +29,7 @@ from trb.config import RolloutRunConfig
 from trb.data import load_rows
 from trb.download import eval_items, model_items, require_cached
 from trb.errors import has_started
+from trb.rundir import write_atomic
 from trb.diagnostics import effective_temperature, rollout_metrics, sequence_support
 from trb.evaluate import decode_completions
 from trb.grading import Grader
@@ -166,10 +166,6 @@ paint(); filter();
 """
 
 
-def write_html(path: Path, records: list[dict], summary: dict, title: str) -> None:
-    path.write_text(render_html(records, summary, title), encoding="utf-8")
-
-
 def render_html(records: list[dict], summary: dict, title: str) -> str:
     """A self-contained page to look at a sampler with: a short header (the full metrics folded
     away), a legend for the colour scale, a selector for what colours the tokens (beta*, log pi_T,
@@ -283,12 +279,6 @@ def claim_rollout_dir(cfg: RolloutRunConfig, out_dir: Path):
         raise
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _run_rollout(cfg: RolloutRunConfig, out_dir: Path, rows: list[dict], claim, log) -> dict:
     out_dir, device = prepare_run(out_dir, cfg.threads, cfg.device)
     gen = seed_everything(cfg.seed)
@@ -363,11 +353,10 @@ def _run_rollout(cfg: RolloutRunConfig, out_dir: Path, rows: list[dict], claim, 
     moved = claim.commit()  # the first write
     if moved is not None:
         log(f"overwrite=true: the previous rollout's files moved to {moved}")
-    _write_atomic(out_dir / "rollouts.jsonl", "".join(json.dumps(rec) + "\n" for rec in records))
+    write_atomic(out_dir / "rollouts.jsonl", "".join(json.dumps(rec) + "\n" for rec in records))
     title = f"trb rollout: method={cfg.method.name}, step {cfg.step}, eps {eps:g}"
-    write_html(out_dir / "rollouts.html.tmp", records, summary, title)
-    os.replace(out_dir / "rollouts.html.tmp", out_dir / "rollouts.html")
-    _write_atomic(out_dir / "summary.json", json.dumps(_finite({"config": dataclasses.asdict(cfg), **summary}),
+    write_atomic(out_dir / "rollouts.html", render_html(records, summary, title))
+    write_atomic(out_dir / "summary.json", json.dumps(_finite({"config": dataclasses.asdict(cfg), **summary}),
                                                        indent=1))
 
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)

@@ -70,6 +70,13 @@ def _take_lock(run_dir: Path) -> tuple[Path, int, str | None]:
     raise RunDirError(f"could not take the lock {path}: other processes keep re-creating it")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """path's new content, or its old one: written to <path>.tmp, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def busy(run_dir: Path) -> str | None:
     """The refusal message when another live process holds run_dir's lock, else None; touches nothing
     (the CLI asks before Hydra writes its job log and .hydra/ into a dir another run is writing)."""
@@ -148,10 +155,8 @@ class Claim:
         return moved
 
     def write_config(self, config: dict) -> None:
-        """train_config.json, atomically (a temporary file renamed): the run dir's owner record."""
-        tmp = self.run_dir / "train_config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=1))
-        os.replace(tmp, self.run_dir / "train_config.json")
+        """train_config.json, atomically: the run dir's owner record."""
+        write_atomic(self.run_dir / "train_config.json", json.dumps(config, indent=1))
 
     def release(self) -> None:
         if self.fd is not None:

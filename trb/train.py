@@ -41,8 +41,7 @@ from trb.checkpoint import (CheckpointWriteError, list_checkpoints, load_trainer
                             truncate_metrics)
 from trb.config import TrainConfig
 from trb.download import require_cached, train_items
-from trb.data import (DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data,
-                      write_data_record)
+from trb.data import DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data
 from trb.diagnostics import effective_temperature, rollout_metrics
 from trb.distributed import World
 from trb.errors import RunStopped
@@ -688,7 +687,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         if moved is not None:
             log(f"overwrite=true: the previous run's files moved to {moved}")
         claim.write_config(dataclasses.asdict(cfg))  # the run dir's owner record, before anything else of the run
-        write_data_record(run_dir / DATA_FILE, data)  # the rows this run trains and evaluates on
+        rundir.write_atomic(run_dir / DATA_FILE, json.dumps(data))  # the rows this run trains and evaluates on
         if resume_from is not None:
             evals = truncate_metrics(run_dir, start, final=start >= cfg.steps)
     if resume_from is not None:
