@@ -168,6 +168,20 @@ def test_resume_never_refuses_a_used_dir_and_overwrite_moves_it_aside(pair, tmp_
         == [0, 1, 2, 3]
 
 
+def test_a_finished_run_rerun_is_a_no_op(pair, tmp_path):
+    """The same command again on a finished run: exit 0, "already done", not one byte of the run dir
+    changed (no second final eval, checkpoint, W&B upload, Hydra job log or .hydra/ rewrite)."""
+    s, t = pair
+    args = ["train", f"student.path={s}", f"teacher.path={t}", *FAST, f"output_dir={tmp_path / 'run'}"]
+    assert cli(args, cwd=tmp_path).returncode == 0
+    before = _snapshot(tmp_path / "run")
+    assert "summary.json" in before and any(k.startswith(".hydra/") for k in before)
+    res = cli(args, cwd=tmp_path)
+    assert res.returncode == 0 and "already done" in res.stdout + res.stderr, res.stderr[-2000:]
+    assert _snapshot(tmp_path / "run") == before
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_resume_path_with_later_checkpoints_is_refused(pair, tmp_path):
     from trb.train import train
 
@@ -319,6 +333,24 @@ def test_a_student_with_nan_weights_is_refused(pair, tmp_path):
     save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
     refused([f"student.path={bad}", f"teacher.path={pair[1]}", *FAST, f"output_dir={tmp_path / 'o'}"], tmp_path,
             "student's weights hold NaN or inf", "student.path=")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_checkpoint_files_follow_the_umask(umask, mode, tmp_path):
+    """safetensors writes its weights 0600; a checkpoint's files get what the umask allows, like every other
+    file a process writes (readable by the group on a shared file system under 022 / 002)."""
+    from helpers import tiny_model
+    from trb.checkpoint import save_checkpoint
+
+    model, tok = tiny_model()
+    old = os.umask(umask)
+    try:
+        folder = save_checkpoint(tmp_path, 1, model, tok)
+    finally:
+        os.umask(old)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    assert "model.safetensors" in [p.name for p in files]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
 
 
 def test_a_full_disk_leaves_no_partial_checkpoint(pair, tmp_path, monkeypatch):

@@ -245,7 +245,7 @@ def test_help_lists_the_commands_groups_and_every_setting_with_its_doc(command, 
             continue
         line = next((x for x in settings.splitlines() if x.strip().startswith(f"{key}=")), None)
         assert line is not None, key
-        assert doc, f"{schema}.{key} has no doc comment in trb/config.py"
+        assert doc, f"{schema}.{key} has no doc (trb.config.setting)"
     assert not (tmp_path / "outputs").exists()  # help writes nothing
     r = _cli([command, "rollout.n=7" if command != "eval" else "decoding.n=7", "--help"], cwd=tmp_path)
     assert ("rollout.n=7" if command != "eval" else "decoding.n=7") in r.stdout  # values as composed

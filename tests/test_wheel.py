@@ -19,7 +19,8 @@ def test_wheel_installs_and_runs_from_any_directory(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "trb", src / "trb", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("trb", "conf"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     dist = tmp_path / "dist"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                         str(dist), str(src)], capture_output=True, text=True, timeout=300)
@@ -45,6 +46,8 @@ def test_wheel_installs_and_runs_from_any_directory(tmp_path):
     where = subprocess.run([str(py), "-c", "import trb.cli; print(trb.cli.CONF_DIR)"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=60)
     assert where.stdout.strip().startswith(site), where.stdout + where.stderr  # the wheel's trb, not the repo's
+    shipped = sorted(str(p.relative_to(where.stdout.strip())) for p in Path(where.stdout.strip()).rglob("*.yaml"))
+    assert shipped == sorted(str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml"))
     trb_exe = str(venv / "bin" / "trb")
     r = subprocess.run([trb_exe, "train", "--cfg", "job"], cwd=work, env=env, capture_output=True, text=True,
                        timeout=120)

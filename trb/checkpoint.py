@@ -57,6 +57,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
             (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
+        share_like_umask(tmp)
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as err:  # a full or read-only disk: no partial folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,6 +69,28 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask would change it for every thread for a moment
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_umask(folder: Path) -> None:
+    """Files readable as the umask allows (0644 under the usual 022, 0664 under 002): safetensors writes
+    its weights 0600, which teammates on a shared file system could not read."""
+    mode = 0o666 & ~_umask()
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            os.chmod(p, mode)
 
 
 def checkpoint_step(path) -> int | None:

@@ -8,7 +8,7 @@
     trb report RUN_OR_SWEEP...   compare runs grouped by their differing settings: paired intervals, plots, a table
     trb toy build [--out DIR]    rebuild the embedded toy models (bit for bit with transformers 5.24.0)
 
-Only this file knows Hydra and OmegaConf: it composes trb/conf/<command>.yaml with the overrides,
+Only this file knows Hydra and OmegaConf: it composes conf/<command>.yaml with the overrides,
 merges the result onto the typed schema (trb.config) and calls the pure-Python entry point.
 """
 
@@ -35,8 +35,11 @@ _USER_OFFLINE = os.environ.get("HF_HUB_OFFLINE")  # as the user set it (trb down
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 
-# the YAML config groups ship inside the package (trb/conf), so an installed wheel finds them from any directory
-CONF_DIR = Path(os.environ.get("TRB_CONF_DIR", Path(__file__).resolve().parent / "conf"))
+# The YAML config groups: conf/ at the top of the repository, shipped inside the wheel as trb/conf (pyproject
+# maps the package trb.conf onto conf/), so an installed trb finds them from any directory. TRB_CONF_DIR points
+# trb at a copy of the tree instead.
+_PKG = Path(__file__).resolve().parent
+CONF_DIR = Path(os.environ.get("TRB_CONF_DIR") or (_PKG / "conf" if (_PKG / "conf").is_dir() else _PKG.parent / "conf"))
 HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
                                    "help_option_names": []}, "add_help_option": False}
 
@@ -108,7 +111,7 @@ def _unusable_dir(path: Path) -> str | None:
 
 
 def run_hydra(config_name: str, args: list[str], task) -> None:
-    """Run `task(cfg_dict, run_dir)` under Hydra with trb/conf/<config_name>.yaml and `args`."""
+    """Run `task(cfg_dict, run_dir)` under Hydra with conf/<config_name>.yaml and `args`."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -137,6 +140,8 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             task(cfg, run_dir)
+            if not multirun and not has_started() and _rank() == 0 and before is not None:
+                before.restore()  # it wrote nothing (a finished run, re-run): nor does Hydra's job log
         except UserError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -228,7 +233,7 @@ def _launched() -> bool:
 
 def _join_ranks() -> None:
     """torchrun: join the process group before Hydra composes; TRB_RUN_STAMP (rank 0's clock) names
-    the run / sweep dir in trb/conf/train.yaml, so every rank uses the same folder."""
+    the run / sweep dir in conf/train.yaml, so every rank uses the same folder."""
     import torch
 
     from trb import distributed
@@ -265,7 +270,7 @@ def train_cmd(ctx: typer.Context) -> None:
 
 
 def _hydra_command(name: str, ctx: typer.Context, schema, entry: str) -> None:
-    """Compose trb/conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
+    """Compose conf/<name>.yaml with the overrides, type it as `schema`, run `entry(cfg, run_dir)`;
     output_dir overrides Hydra's run dir, and a sweep's runs share one W&B group."""
 
     if _launched() and name != "train":
@@ -430,7 +435,7 @@ def plan_cmd(ctx: typer.Context) -> None:
 
 
 def compose(config_name: str, overrides: list[str], schema):
-    """The typed config of trb/conf/<config_name>.yaml with these overrides, without a run dir (Hydra's
+    """The typed config of conf/<config_name>.yaml with these overrides, without a run dir (Hydra's
     compose API); a bad override is a UserError."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

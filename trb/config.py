@@ -7,7 +7,7 @@ there, naming the key); everything below train.py sees only these dataclasses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
 from trb.schedules import Schedule
@@ -17,6 +17,13 @@ BLEND_KINDS = ("none", "constant", "linear", "cosine", "step")
 METHODS = ("opd", "trb", "fixed", "skd", "veto", "temp_warmup", "sft_warmup")
 STUDENT_ONLY_METHODS = ("opd", "skd", "veto", "temp_warmup", "sft_warmup")  # no trust-region budget
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def setting(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING) -> Any:
+    """A config field and its one-line doc: the one source `trb <command> --help` and docs/settings.md read."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -36,10 +43,12 @@ def _finite(obj, prefix: str) -> None:
 class ModelConfig:
     """A student or teacher model."""
 
-    path: str = "toy:student"  # local HF folder, hub id (must be cached offline), or toy:student / toy:teacher
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    trust_remote_code: bool = False  # run a model's own code from its folder (off unless you trust it)
-    shape: Optional[str] = None  # config.json trb plan uses when the model is not at hand (a file, or a shipped name)
+    path: str = setting("toy:student", "local HF folder, hub id (must be cached offline), or toy:student / toy:teacher")
+    dtype: str = setting("float32", "float32 | bfloat16 | float16")
+    trust_remote_code: bool = setting(False, "run a model's own code from its folder (off unless you trust it)")
+    shape: Optional[str] = setting(None,
+                                   "config.json trb plan uses when the model is not at hand (a file, or a shipped "
+                                   "name)")
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model path is empty: set student.path / teacher.path")
@@ -50,11 +59,11 @@ class ModelConfig:
 class BlendConfig:
     """The trust-region budget eps_k over optimiser steps (kind=none: vanilla OPD, eps = 0)."""
 
-    kind: str = "linear"  # none | constant | linear | cosine | step
-    eps0: float = 0.01  # eps at step 0 (paper sweep: 0.001 .. 0.05)
-    horizon: int = 25  # K: eps reaches 0 at step K (paper: 15, 25, 50); unused by constant
-    milestones: list[int] = field(default_factory=list)  # step shape: steps where eps is multiplied by gamma
-    gamma: float = 0.5  # step shape: factor applied at each milestone
+    kind: str = setting("linear", "none | constant | linear | cosine | step")
+    eps0: float = setting(0.01, "eps at step 0 (paper sweep: 0.001 .. 0.05)")
+    horizon: int = setting(25, "K: eps reaches 0 at step K (paper: 15, 25, 50); unused by constant")
+    milestones: list[int] = setting(factory=list, doc="step shape: steps where eps is multiplied by gamma")
+    gamma: float = setting(0.5, "step shape: factor applied at each milestone")
 
     def __post_init__(self) -> None:
         _finite(self, "blend.")
@@ -79,16 +88,16 @@ class MethodConfig:
     target q ~ p_T * p_S^B with B decaying linearly to 0. temp_warmup: student rollouts whose
     temperature rises linearly to 1. sft_warmup: SFT on teacher samples, then OPD."""
 
-    name: str = "trb"  # opd | trb | fixed | skd | veto | temp_warmup | sft_warmup
-    skd_top_k: int = 25  # skd: K (paper sweep 15, 25, 50)
-    skd_temperature: float = 1.0  # skd: tau_T of the replacing teacher sample (paper sweep 0.2, 0.6, 1.0)
-    veto_b_start: float = 0.4  # veto: B at step 0 (paper sweep 0.2 .. 0.8)
-    veto_horizon: int = 25  # veto: B reaches 0 at this step
-    temp_start: float = 0.9  # temp_warmup: tau_0 (paper sweep 0.8, 0.9, 0.95)
-    temp_horizon: int = 25  # temp_warmup: temperature reaches 1.0 at this step (paper 15 or 25)
-    sft_updates: int = 25  # sft_warmup: SFT updates before OPD (paper 15, 25, 50); they count as steps
-    sft_prompt_steps: int = 50  # sft_warmup: teacher samples for the prompts of this many first steps
-    sft_samples: int = 4  # sft_warmup: teacher samples per prompt
+    name: str = setting("trb", "opd | trb | fixed | skd | veto | temp_warmup | sft_warmup")
+    skd_top_k: int = setting(25, "skd: K (paper sweep 15, 25, 50)")
+    skd_temperature: float = setting(1.0, "skd: tau_T of the replacing teacher sample (paper sweep 0.2, 0.6, 1.0)")
+    veto_b_start: float = setting(0.4, "veto: B at step 0 (paper sweep 0.2 .. 0.8)")
+    veto_horizon: int = setting(25, "veto: B reaches 0 at this step")
+    temp_start: float = setting(0.9, "temp_warmup: tau_0 (paper sweep 0.8, 0.9, 0.95)")
+    temp_horizon: int = setting(25, "temp_warmup: temperature reaches 1.0 at this step (paper 15 or 25)")
+    sft_updates: int = setting(25, "sft_warmup: SFT updates before OPD (paper 15, 25, 50); they count as steps")
+    sft_prompt_steps: int = setting(50, "sft_warmup: teacher samples for the prompts of this many first steps")
+    sft_samples: int = setting(4, "sft_warmup: teacher samples per prompt")
 
     def __post_init__(self) -> None:
         _finite(self, "method.")
@@ -109,26 +118,36 @@ class MethodConfig:
 class DatasetConfig:
     """Problems with gold answers: the embedded toy task, a local file, or a hub dataset (local cache)."""
 
-    name: str = "toy"  # label; "toy" (without path) generates the embedded arithmetic task
-    hub_id: Optional[str] = None  # Hugging Face dataset id (or a local dataset folder), read from the local cache only
-    hub_config: Any = None  # hub config name, or a list of them to concatenate (MATH subjects)
-    train_split: Optional[str] = "train"  # hub split trb train draws prompts from (null: none, an evaluation-only set)
-    eval_split: Optional[str] = "test"  # hub split trb eval and the periodic eval score (null: held out of train_split)
-    path: Optional[str] = None  # local .jsonl / .json / .parquet with the same fields (overrides hub_id; one source)
-    question_field: str = "question"  # field with the problem text (dotted paths reach nested fields)
-    answer_field: Optional[str] = "answer"  # field with the gold answer (None: no gold, e.g. OpenThoughts)
-    answer_kind: str = "gsm8k"  # gsm8k (after ####) | boxed (last \\boxed{} of a solution) | plain (a list: joined)
-    keep_fields: list[str] = field(default_factory=list)  # extra fields kept per row (MATH: type, level)
-    train_size: int = 4000  # training prompts selected (0 = every row; more than there are is refused)
-    eval_size: int = 200  # evaluation problems selected (0 = every row; more than there are is refused)
-    select: str = "shuffle"  # which rows: shuffle (a seeded random subset) | first (file order)
-    seed: Optional[int] = None  # the training rows' shuffle (null: the run's seed)
-    split_seed: int = 0  # which rows are held out for eval (one source) and chosen for eval: fixed across run seeds
+    name: str = setting("toy", "label; \"toy\" (without path) generates the embedded arithmetic task")
+    hub_id: Optional[str] = setting(None,
+                                    "Hugging Face dataset id (or a local dataset folder), read from the local cache "
+                                    "only")
+    hub_config: Any = setting(None, "hub config name, or a list of them to concatenate (MATH subjects)")
+    train_split: Optional[str] = setting("train",
+                                         "hub split trb train draws prompts from (null: none, an evaluation-only set)")
+    eval_split: Optional[str] = setting("test",
+                                        "hub split trb eval and the periodic eval score (null: held out of "
+                                        "train_split)")
+    path: Optional[str] = setting(None,
+                                  "local .jsonl / .json / .parquet with the same fields (overrides hub_id; one "
+                                  "source)")
+    question_field: str = setting("question", "field with the problem text (dotted paths reach nested fields)")
+    answer_field: Optional[str] = setting("answer", "field with the gold answer (None: no gold, e.g. OpenThoughts)")
+    answer_kind: str = setting("gsm8k",
+                               "gsm8k (after ####) | boxed (last \\boxed{} of a solution) | plain (a list: joined)")
+    keep_fields: list[str] = setting(factory=list, doc="extra fields kept per row (MATH: type, level)")
+    train_size: int = setting(4000, "training prompts selected (0 = every row; more than there are is refused)")
+    eval_size: int = setting(200, "evaluation problems selected (0 = every row; more than there are is refused)")
+    select: str = setting("shuffle", "which rows: shuffle (a seeded random subset) | first (file order)")
+    seed: Optional[int] = setting(None, "the training rows' shuffle (null: the run's seed)")
+    split_seed: int = setting(0,
+                              "which rows are held out for eval (one source) and chosen for eval: fixed across run "
+                              "seeds")
     # toy task difficulty
-    min_ops: int = 1  # fewest operations per toy problem
-    max_ops: int = 3  # most operations per toy problem
-    max_operand: int = 29  # toy operands are drawn from 0..max_operand
-    ops: str = "+-"  # toy operators
+    min_ops: int = setting(1, "fewest operations per toy problem")
+    max_ops: int = setting(3, "most operations per toy problem")
+    max_operand: int = setting(29, "toy operands are drawn from 0..max_operand")
+    ops: str = setting("+-", "toy operators")
 
     def __post_init__(self) -> None:
         _check(self.answer_kind in ("gsm8k", "boxed", "plain"),
@@ -148,11 +167,13 @@ class DatasetConfig:
 class PromptConfig:
     """How a problem becomes the prompt text."""
 
-    style: str = "chat"  # chat (the tokenizer's template) | plain (plain_template, for Base models)
-    instruction: Optional[str] = None  # e.g. the paper's "Please reason step by step, ..." (None: none)
-    instruction_role: str = "user"  # user (appended to the problem) | system (a system message)
-    plain_template: str = "Problem: {question}\n{instruction}\nSolution:"  # plain style format string
-    enable_thinking: Optional[bool] = None  # Qwen3 templates' thinking switch: true | false | null (template default)
+    style: str = setting("chat", "chat (the tokenizer's template) | plain (plain_template, for Base models)")
+    instruction: Optional[str] = setting(None, "e.g. the paper's \"Please reason step by step, ...\" (None: none)")
+    instruction_role: str = setting("user", "user (appended to the problem) | system (a system message)")
+    plain_template: str = setting("Problem: {question}\n{instruction}\nSolution:", "plain style format string")
+    enable_thinking: Optional[bool] = setting(None,
+                                              "Qwen3 templates' thinking switch: true | false | null (template "
+                                              "default)")
 
     def __post_init__(self) -> None:
         _check(self.style in ("chat", "plain"), f"prompt.style must be chat or plain; got {self.style!r}")
@@ -167,11 +188,12 @@ class PromptConfig:
 class LossConfig:
     """Reverse KL(student || teacher) estimator, token-mean over response tokens."""
 
-    estimator: str = "topk"  # topk (paper) | full | sampled
-    k: int = 16  # topk: size of the student's top-k support
-    topk_baseline: bool = True  # topk: centre the held log-ratios (renormalised top-k KL); false = literal reading
-    importance_weight: bool = True  # sampled: weight by pi_S(y) / mu(y) on blended rollouts
-    chunk_size: int = 1024  # positions per chunk of the vocabulary projection (memory bound)
+    estimator: str = setting("topk", "topk (paper) | full | sampled")
+    k: int = setting(16, "topk: size of the student's top-k support")
+    topk_baseline: bool = setting(True,
+                                  "topk: centre the held log-ratios (renormalised top-k KL); false = literal reading")
+    importance_weight: bool = setting(True, "sampled: weight by pi_S(y) / mu(y) on blended rollouts")
+    chunk_size: int = setting(1024, "positions per chunk of the vocabulary projection (memory bound)")
 
     def __post_init__(self) -> None:
         _check(self.estimator in ESTIMATORS, f"loss.estimator must be one of {', '.join(ESTIMATORS)}; "
@@ -184,17 +206,25 @@ class LossConfig:
 class RolloutConfig:
     """Sampling of training rollouts."""
 
-    n: int = 4  # samples per prompt
-    max_new_tokens: int = 48  # response length cap
-    temperature: float = 1.0  # rollout temperature (paper: 1.0)
-    max_prompt_tokens: int = 256  # longer prompts are skipped or truncated (long_prompts), and counted
-    long_prompts: str = "skip"  # skip | truncate (keep the last max_prompt_tokens tokens, as TRL does)
-    draft_k: int = 0  # speculative TRB sampling while eps > 0: student drafts k tokens per teacher pass (0 = off)
-    compile_search: bool = False  # torch.compile the beta search's passes (~40 s once; pays on large vocabularies)
-    static_cache: bool = False  # preallocated KV caches (fixed shapes per decoding step; per-token decoder)
-    compile_step: bool = False  # decode through torch.compile'd model forwards (needs static_cache; CUDA graphs on GPU)
-    max_rows: int = 0  # rows decoded together (whole prompts x n; the rest queued in waves; 0 = all local rows)
-    dtype: str = "auto"  # the rollout copy that samples and evaluates: auto (the trained weights') | bfloat16 | float32
+    n: int = setting(4, "samples per prompt")
+    max_new_tokens: int = setting(48, "response length cap")
+    temperature: float = setting(1.0, "rollout temperature (paper: 1.0)")
+    max_prompt_tokens: int = setting(256, "longer prompts are skipped or truncated (long_prompts), and counted")
+    long_prompts: str = setting("skip", "skip | truncate (keep the last max_prompt_tokens tokens, as TRL does)")
+    draft_k: int = setting(0,
+                           "speculative TRB sampling while eps > 0: student drafts k tokens per teacher pass (0 = "
+                           "off)")
+    compile_search: bool = setting(False,
+                                   "torch.compile the beta search's passes (~40 s once; pays on large vocabularies)")
+    static_cache: bool = setting(False, "preallocated KV caches (fixed shapes per decoding step; per-token decoder)")
+    compile_step: bool = setting(False,
+                                 "decode through torch.compile'd model forwards (needs static_cache; CUDA graphs on "
+                                 "GPU)")
+    max_rows: int = setting(0,
+                            "rows decoded together (whole prompts x n; the rest queued in waves; 0 = all local rows)")
+    dtype: str = setting("auto",
+                         "the rollout copy that samples and evaluates: auto (the trained weights') | bfloat16 | "
+                         "float32")
 
     def __post_init__(self) -> None:
         _finite(self, "rollout.")
@@ -216,14 +246,15 @@ class RolloutConfig:
 class OptimConfig:
     """AdamW with a cosine warmup, then constant lr (paper: 1e-5, warmup 15) or cosine decay."""
 
-    lr: float = 3e-4  # peak learning rate (the toy default; the paper uses 1e-5)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.999  # AdamW beta2
-    weight_decay: float = 0.01  # AdamW weight decay
-    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
-    warmup_steps: int = 15  # lr warmup steps (cosine ramp from 0)
-    decay: str = "constant"  # after warmup: constant (paper) | cosine (down to min_lr_ratio * lr at the last step)
-    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
+    lr: float = setting(3e-4, "peak learning rate (the toy default; the paper uses 1e-5)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.999, "AdamW beta2")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "global grad-norm clip (0 = off)")
+    warmup_steps: int = setting(15, "lr warmup steps (cosine ramp from 0)")
+    decay: str = setting("constant",
+                         "after warmup: constant (paper) | cosine (down to min_lr_ratio * lr at the last step)")
+    min_lr_ratio: float = setting(0.1, "cosine decay floor as a fraction of lr")
 
     def __post_init__(self) -> None:
         _finite(self, "optim.")
@@ -241,18 +272,22 @@ class OptimConfig:
 class LoggerConfig:
     """Experiment tracking. metrics.jsonl is always written; W&B on top unless kind=none."""
 
-    kind: str = "wandb"  # wandb | none
-    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline
-    project: str = "trb"  # W&B project
-    entity: Optional[str] = None  # W&B entity (team or user)
-    group: Optional[str] = None  # W&B group (sweeps set it to the sweep dir name)
-    job_type: str = "train"  # W&B job type
-    tags: list[str] = field(default_factory=list)  # W&B tags
-    init_timeout: int = 30  # seconds W&B may take to reach its server before the run logs offline instead
-    artifact: str = "model"  # final checkpoint to W&B: model (no trainer state) | full | reference (file://) | none
-    table_every: int = 50  # trb train: W&B table of completions (prompt, text, reward, beta) every N steps (0 = off)
-    table_rows: int = 8  # rollouts per completions table (rank 0's first)
-    html_rows: int = 64  # trb rollout: completions in the rollouts.html sent to W&B (the run dir's file has all)
+    kind: str = setting("wandb", "wandb | none")
+    mode: str = setting("auto", "auto (online with credentials, else offline) | online | offline")
+    project: str = setting("trb", "W&B project")
+    entity: Optional[str] = setting(None, "W&B entity (team or user)")
+    group: Optional[str] = setting(None, "W&B group (sweeps set it to the sweep dir name)")
+    job_type: str = setting("train", "W&B job type")
+    tags: list[str] = setting(factory=list, doc="W&B tags")
+    init_timeout: int = setting(30, "seconds W&B may take to reach its server before the run logs offline instead")
+    artifact: str = setting("model",
+                            "final checkpoint to W&B: model (no trainer state) | full | reference (file://) | none")
+    table_every: int = setting(50,
+                               "trb train: W&B table of completions (prompt, text, reward, beta) every N steps (0 = "
+                               "off)")
+    table_rows: int = setting(8, "rollouts per completions table (rank 0's first)")
+    html_rows: int = setting(64,
+                             "trb rollout: completions in the rollouts.html sent to W&B (the run dir's file has all)")
 
     def __post_init__(self) -> None:
         _check(self.kind in ("wandb", "none"), f"logger.kind must be wandb or none; got {self.kind!r}")
@@ -269,14 +304,15 @@ class LoggerConfig:
 class DecodingConfig:
     """Decoding preset for evaluation (student only, no teacher)."""
 
-    greedy: bool = True  # argmax decoding (forces n = 1)
-    temperature: float = 1.0  # sampling temperature (paper: 1.0)
-    top_p: float = 1.0  # nucleus sampling mass (paper: 1.0)
-    n: int = 1  # samples per problem (paper: 32 GSM8K, 64 MATH-500)
-    max_new_tokens: int = 48  # completion cap (paper: 8192)
-    batch: int = 64  # sequences per wave (hf: decoded together; vllm: submitted together, max_num_seqs at a time)
-    ks: list[int] = field(default_factory=lambda: [1])  # pass@k / maj@k reported for each k <= n
-    seed: int = 0  # sampling seed
+    greedy: bool = setting(True, "argmax decoding (forces n = 1)")
+    temperature: float = setting(1.0, "sampling temperature (paper: 1.0)")
+    top_p: float = setting(1.0, "nucleus sampling mass (paper: 1.0)")
+    n: int = setting(1, "samples per problem (paper: 32 GSM8K, 64 MATH-500)")
+    max_new_tokens: int = setting(48, "completion cap (paper: 8192)")
+    batch: int = setting(64,
+                         "sequences per wave (hf: decoded together; vllm: submitted together, max_num_seqs at a time)")
+    ks: list[int] = setting(factory=lambda: [1], doc="pass@k / maj@k reported for each k <= n")
+    seed: int = setting(0, "sampling seed")
 
     def __post_init__(self) -> None:
         _finite(self, "decoding.")
@@ -304,15 +340,25 @@ class EngineConfig:
     """The engine of every student-only decode (trb eval, the periodic eval, rollouts whose sampler
     needs no teacher); samplers that need the teacher keep trb's dual-model decoder."""
 
-    kind: str = "auto"  # auto (vllm where it is installed and the device is CUDA, else hf) | hf (trb's decoder) | vllm
-    gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of the GPU's memory the engine takes (weights + KV cache)
-    kv_cache_gb: float = 0.0  # vllm: KV cache space in GiB (0: from gpu_memory_utilization on CUDA; 1 GiB on CPU)
-    max_num_seqs: int = 256  # vllm: most sequences decoded together
-    max_model_len: int = 0  # vllm: longest prompt + completion in tokens (0: the prompt cap + max_new_tokens)
-    tensor_parallel_size: int = 1  # vllm: GPUs one engine spans (trb eval; trb train runs one engine per rank)
-    prefix_caching: bool = True  # vllm: reuse the KV cache of shared prompt prefixes (reset after every weight push)
-    enforce_eager: Optional[bool] = None  # vllm: no CUDA graphs / compilation (null: true on CPU, false on CUDA)
-    sleep: bool = True  # vllm on CUDA: free its KV cache and weights while the teacher scores and the student updates
+    kind: str = setting("auto",
+                        "auto (vllm where it is installed and the device is CUDA, else hf) | hf (trb's decoder) | "
+                        "vllm")
+    gpu_memory_utilization: float = setting(0.3,
+                                            "vllm on CUDA: share of the GPU's memory the engine takes (weights + KV "
+                                            "cache)")
+    kv_cache_gb: float = setting(0.0,
+                                 "vllm: KV cache space in GiB (0: from gpu_memory_utilization on CUDA; 1 GiB on CPU)")
+    max_num_seqs: int = setting(256, "vllm: most sequences decoded together")
+    max_model_len: int = setting(0, "vllm: longest prompt + completion in tokens (0: the prompt cap + max_new_tokens)")
+    tensor_parallel_size: int = setting(1, "vllm: GPUs one engine spans (trb eval; trb train runs one engine per rank)")
+    prefix_caching: bool = setting(True,
+                                   "vllm: reuse the KV cache of shared prompt prefixes (reset after every weight "
+                                   "push)")
+    enforce_eager: Optional[bool] = setting(None,
+                                            "vllm: no CUDA graphs / compilation (null: true on CPU, false on CUDA)")
+    sleep: bool = setting(True,
+                          "vllm on CUDA: free its KV cache and weights while the teacher scores and the student "
+                          "updates")
 
     def __post_init__(self) -> None:
         _finite(self, "engine.")
@@ -332,10 +378,14 @@ class StepConfig:
     """How the update runs: the token budget of every non-decoding forward, activation
     checkpointing, mixed precision. Gradients are the same up to float rounding for any setting."""
 
-    micro_batch_tokens: int = 0  # padded tokens (rows x width) per teacher-scoring / student forward+backward (0 = all)
-    activation_checkpointing: bool = False  # recompute each student decoder layer in the backward (non-reentrant)
-    compute_dtype: str = "float32"  # student forward/backward: float32 | bfloat16 (weights and AdamW stay float32)
-    tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls
+    micro_batch_tokens: int = setting(0,
+                                      "padded tokens (rows x width) per teacher-scoring / student forward+backward (0"
+                                      " = all)")
+    activation_checkpointing: bool = setting(False,
+                                             "recompute each student decoder layer in the backward (non-reentrant)")
+    compute_dtype: str = setting("float32",
+                                 "student forward/backward: float32 | bfloat16 (weights and AdamW stay float32)")
+    tf32: bool = setting(True, "CUDA: TF32 tensor cores for float32 matmuls")
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_tokens >= 0, f"train.micro_batch_tokens must be >= 0; got {self.micro_batch_tokens}")
@@ -347,10 +397,10 @@ class StepConfig:
 class PlanConfig:
     """`trb plan` (and the check `trb train` runs at start on GPUs): peak memory per device and phase."""
 
-    world_size: int = 0  # processes (GPUs) the run uses (0 = the launch's WORLD_SIZE, else 1)
-    device_gb: float = 0.0  # memory per device in GB (0 = the visible GPU's, else 80)
-    reserve_gb: float = 3.0  # kept free per device: CUDA context, communication buffers, allocator slack
-    check: bool = True  # trb train on GPUs: refuse at start a run the plan says cannot fit
+    world_size: int = setting(0, "processes (GPUs) the run uses (0 = the launch's WORLD_SIZE, else 1)")
+    device_gb: float = setting(0.0, "memory per device in GB (0 = the visible GPU's, else 80)")
+    reserve_gb: float = setting(3.0, "kept free per device: CUDA context, communication buffers, allocator slack")
+    check: bool = setting(True, "trb train on GPUs: refuse at start a run the plan says cannot fit")
 
     def __post_init__(self) -> None:
         _finite(self, "plan.")
@@ -363,7 +413,8 @@ class PlanConfig:
 class ParallelConfig:
     """Multi-process training (torchrun / Slurm tasks); ignored in one process."""
 
-    teacher: str = "replicate"  # replicate: a full teacher per rank | shard: FSDP2 shards, ranks decode in lockstep
+    teacher: str = setting("replicate",
+                           "replicate: a full teacher per rank | shard: FSDP2 shards, ranks decode in lockstep")
 
     def __post_init__(self) -> None:
         _check(self.teacher in ("replicate", "shard"),
@@ -374,35 +425,44 @@ class ParallelConfig:
 class TrainConfig:
     """`trb train`: on-policy distillation with a trust-region behaviour policy."""
 
-    student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
-    method: MethodConfig = field(default_factory=MethodConfig)
-    blend: BlendConfig = field(default_factory=BlendConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    eval_dataset: Optional[DatasetConfig] = None  # periodic eval set (None: the dataset's eval rows)
-    eval_overlap: str = "refuse"  # train prompts repeating an eval problem: refuse | drop | allow
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: StepConfig = field(default_factory=StepConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)  # student-only rollouts (eps = 0) and the periodic eval
-    steps: int = 600  # optimiser steps (one rollout batch each)
-    prompts_per_step: int = 16  # prompts per step (x rollout.n samples)
-    eval_every: int = 100  # eval (eval_decoding) on the held-out split every N steps (0 = only start and end)
-    log_every: int = 10  # a console line every N steps where no progress bar is drawn (not a terminal; 0 = none)
-    eval_decoding: DecodingConfig = field(default_factory=DecodingConfig)  # periodic eval decoding (greedy)
-    save_every: int = 0  # checkpoint every N steps (0 = only the final one)
-    keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
-    resume: str = "auto"  # auto: continue from the run dir's last complete checkpoint | never | PATH (a checkpoint)
-    overwrite: bool = False  # a run dir holding another run: move its files aside to <dir>.replaced-<time>/, start over
-    seed: int = 0  # seeds data order, sampling and init
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 1  # torch CPU threads (1 is fastest on small models here)
-    output_dir: Optional[str] = None  # run dir (set by Hydra's run dir when None)
+    student: ModelConfig = setting(factory=ModelConfig, doc="the model trained (student.path, .dtype, ...)")
+    teacher: ModelConfig = setting(factory=lambda: ModelConfig(path="toy:teacher"),
+                                   doc="the frozen model it learns from")
+    method: MethodConfig = setting(factory=MethodConfig,
+                                   doc="which distillation method: only the sampler, target or start differs")
+    blend: BlendConfig = setting(factory=BlendConfig, doc="the trust-region budget eps_k over steps (trb, fixed)")
+    dataset: DatasetConfig = setting(factory=DatasetConfig,
+                                     doc="the training prompts (and the eval rows when eval_dataset is unset)")
+    eval_dataset: Optional[DatasetConfig] = setting(None, "periodic eval set (None: the dataset's eval rows)")
+    eval_overlap: str = setting("refuse", "train prompts repeating an eval problem: refuse | drop | allow")
+    prompt: PromptConfig = setting(factory=PromptConfig, doc="how a problem becomes the prompt text")
+    loss: LossConfig = setting(factory=LossConfig, doc="the reverse-KL estimator")
+    rollout: RolloutConfig = setting(factory=RolloutConfig, doc="sampling of training rollouts")
+    optim: OptimConfig = setting(factory=OptimConfig, doc="AdamW and its learning-rate schedule")
+    logger: LoggerConfig = setting(factory=LoggerConfig, doc="experiment tracking (metrics.jsonl is always written)")
+    parallel: ParallelConfig = setting(factory=ParallelConfig, doc="several processes (torchrun / Slurm tasks)")
+    train: StepConfig = setting(factory=StepConfig,
+                                doc="how the update runs: token budget per forward, checkpointing, precision")
+    plan: PlanConfig = setting(factory=PlanConfig,
+                               doc="the memory plan trb train checks at start (and trb plan prints)")
+    engine: EngineConfig = setting(factory=EngineConfig, doc="student-only rollouts (eps = 0) and the periodic eval")
+    steps: int = setting(600, "optimiser steps (one rollout batch each)")
+    prompts_per_step: int = setting(16, "prompts per step (x rollout.n samples)")
+    eval_every: int = setting(100, "eval (eval_decoding) on the held-out split every N steps (0 = only start and end)")
+    log_every: int = setting(10,
+                             "a console line every N steps where no progress bar is drawn (not a terminal; 0 = none)")
+    eval_decoding: DecodingConfig = setting(factory=DecodingConfig, doc="periodic eval decoding (greedy)")
+    save_every: int = setting(0, "checkpoint every N steps (0 = only the final one)")
+    keep_last: int = setting(0, "keep only the newest N checkpoints (0 = all)")
+    resume: str = setting("auto",
+                          "auto: continue from the run dir's last complete checkpoint | never | PATH (a checkpoint)")
+    overwrite: bool = setting(False,
+                              "a run dir holding another run: move its files aside to <dir>.replaced-<time>/, start "
+                              "over")
+    seed: int = setting(0, "seeds data order, sampling and init")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = setting(1, "torch CPU threads (1 is fastest on small models here)")
+    output_dir: Optional[str] = setting(None, "run dir (set by Hydra's run dir when None)")
 
     def __post_init__(self) -> None:
         _finite(self, "")
@@ -467,9 +527,9 @@ class ProbeConfig:
     """Continuation-gain probe (paper Fig. 4): cut sampled completions after t tokens, continue
     with the student and with the teacher, grade, and report the success rate per t."""
 
-    cuts: list[int] = field(default_factory=list)  # prefix lengths t in tokens (empty: no probe)
-    continuations: int = 1  # sampled continuations per prefix and continuer
-    max_prefixes: int = 64  # probe the first N completions
+    cuts: list[int] = setting(factory=list, doc="prefix lengths t in tokens (empty: no probe)")
+    continuations: int = setting(1, "sampled continuations per prefix and continuer")
+    max_prefixes: int = setting(64, "probe the first N completions")
 
     def __post_init__(self) -> None:
         _check(all(t >= 0 for t in self.cuts), f"probe.cuts must be >= 0; got {self.cuts}")
@@ -482,23 +542,26 @@ class RolloutRunConfig:
     """`trb rollout`: sample prompts under a method's behaviour policy (no training) and record
     every token's statistics."""
 
-    student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
-    method: MethodConfig = field(default_factory=MethodConfig)
-    blend: BlendConfig = field(default_factory=BlendConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    num_prompts: int = 16  # prompts taken from the dataset's eval split (0 = all)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # n, max_new_tokens, temperature, draft_k, ...
-    step: int = 0  # the training step whose eps / temperature / SKD setting is used
-    batch: int = 64  # sequences decoded together
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="rollout"))
-    seed: int = 0  # sampling seed
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 1  # torch CPU threads
-    output_dir: Optional[str] = None  # output dir (set by Hydra's run dir when None)
-    overwrite: bool = False  # a dir holding another rollout: move its files aside to <dir>.replaced-<time>/
+    student: ModelConfig = setting(factory=ModelConfig,
+                                   doc="the model sampled (checkpoint= is an alias of student.path)")
+    teacher: ModelConfig = setting(factory=lambda: ModelConfig(path="toy:teacher"),
+                                   doc="the teacher of the blend / SKD / veto samplers")
+    method: MethodConfig = setting(factory=MethodConfig, doc="the method whose behaviour policy samples")
+    blend: BlendConfig = setting(factory=BlendConfig, doc="the trust-region budget of that method at `step`")
+    dataset: DatasetConfig = setting(factory=DatasetConfig, doc="the problems (their eval split)")
+    prompt: PromptConfig = setting(factory=PromptConfig, doc="how a problem becomes the prompt text")
+    num_prompts: int = setting(16, "prompts taken from the dataset's eval split (0 = all)")
+    rollout: RolloutConfig = setting(factory=RolloutConfig, doc="n, max_new_tokens, temperature, draft_k, ...")
+    step: int = setting(0, "the training step whose eps / temperature / SKD setting is used")
+    batch: int = setting(64, "sequences decoded together")
+    probe: ProbeConfig = setting(factory=ProbeConfig, doc="the continuation-gain probe (paper Fig. 4)")
+    logger: LoggerConfig = setting(factory=lambda: LoggerConfig(job_type="rollout"),
+                                   doc="experiment tracking (the run dir always has the files)")
+    seed: int = setting(0, "sampling seed")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = setting(1, "torch CPU threads")
+    output_dir: Optional[str] = setting(None, "output dir (set by Hydra's run dir when None)")
+    overwrite: bool = setting(False, "a dir holding another rollout: move its files aside to <dir>.replaced-<time>/")
 
     def __post_init__(self) -> None:
         _finite(self, "")
@@ -516,21 +579,22 @@ class RolloutRunConfig:
 class EvalConfig:
     """`trb eval`: pass@k / maj@k of checkpoints, graded with math-verify."""
 
-    checkpoint: Any = "toy:student"  # model folder, run dir (every checkpoint in it), toy:*, or a list
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    datasets: list[str] = field(default_factory=list)  # several presets (NAME or NAME:PATH): each and the average
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)  # the decoder: trb's (hf) or vLLM
-    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="eval"))
-    grader_workers: int = 1  # math-verify worker processes
-    max_prompt_tokens: int = 4096  # longer prompts are skipped and counted (eval/skipped_too_long)
-    seed: int = 0  # seeds the dataset draw (toy) and sampling
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 1  # torch CPU threads
-    output_dir: Optional[str] = None  # results dir (set by Hydra's run dir when None)
-    overwrite: bool = False  # a dir holding another eval: move its files aside to <dir>.replaced-<time>/
+    checkpoint: Any = setting("toy:student", "model folder, run dir (every checkpoint in it), toy:*, or a list")
+    dtype: str = setting("float32", "float32 | bfloat16 | float16")
+    dataset: DatasetConfig = setting(factory=DatasetConfig, doc="the problems scored (their eval split)")
+    datasets: list[str] = setting(factory=list, doc="several presets (NAME or NAME:PATH): each and the average")
+    prompt: PromptConfig = setting(factory=PromptConfig, doc="how a problem becomes the prompt text")
+    decoding: DecodingConfig = setting(factory=DecodingConfig, doc="sampling: greedy or n samples, pass@k / maj@k")
+    engine: EngineConfig = setting(factory=EngineConfig, doc="the decoder: trb's (hf) or vLLM")
+    logger: LoggerConfig = setting(factory=lambda: LoggerConfig(job_type="eval"),
+                                   doc="experiment tracking (the run dir always has the files)")
+    grader_workers: int = setting(1, "math-verify worker processes")
+    max_prompt_tokens: int = setting(4096, "longer prompts are skipped and counted (eval/skipped_too_long)")
+    seed: int = setting(0, "seeds the dataset draw (toy) and sampling")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = setting(1, "torch CPU threads")
+    output_dir: Optional[str] = setting(None, "results dir (set by Hydra's run dir when None)")
+    overwrite: bool = setting(False, "a dir holding another eval: move its files aside to <dir>.replaced-<time>/")
 
     def __post_init__(self) -> None:
         _finite(self, "")

@@ -1,26 +1,18 @@
 """`trb train|eval|rollout|plan --help`: the command's own config groups and every setting with the
-value the command would use and its one-line doc, taken from the schema (the comment after each
-field in trb/config.py), so help cannot drift from the code. Imports no torch."""
+value the command would use and its one-line doc, taken from the schema (each field's `doc` metadata in
+trb/config.py, the one place a setting is documented), so help cannot drift from the code. The same
+docs make docs/settings.md (`python -m trb.helptext --markdown`). Imports no torch."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import typing
 from pathlib import Path
 
-_FIELD = re.compile(r"^    (\w+): [^#]*?#\s?(.*)$")
-
 
 def _field_docs(cls) -> dict[str, str]:
-    """The comment after each field of a dataclass (its class body in trb/config.py)."""
-    docs: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = _FIELD.match(line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
-    return docs
+    """Each field's one-line doc (trb.config.setting's metadata)."""
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
 
 
 def _dataclass_of(tp):
@@ -75,6 +67,8 @@ def _value(v) -> str:
         return str(v).lower()
     if isinstance(v, (list, dict)):
         return repr(v).replace("'", "")
+    if isinstance(v, str) and ("\n" in v or "\t" in v):  # one line per setting: escapes shown, quoted
+        return repr(v)
     return str(v)
 
 
@@ -87,13 +81,22 @@ def render_help(command: str, conf_name: str, schema, conf_dir: Path, overrides:
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         composed = OmegaConf.to_container(compose(config_name=conf_name, overrides=overrides), resolve=False)
     composed.pop("hydra", None)
+    try:  # the schema's defaults for what no YAML sets: the values the command would really use
+        composed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), composed), resolve=False)
+    except Exception:  # noqa: BLE001 - a value the schema refuses is reported by the command itself
+        pass
+    chosen = {o.split("=", 1)[0].lstrip("+").split("@")[-1]: o.split("=", 1)[1] for o in overrides if "=" in o}
     docs = schema_docs(schema)
     help_cfg = primary.get("hydra", {}).get("help", {})
     lines = [help_cfg.get("header", f"trb {command}").rstrip(), "",
              "Config groups (group=option; [the default here]):"]
     for target, default, options in _groups(conf_dir, primary):
+        if target in chosen:
+            default = chosen[target]
         shown = " | ".join(f"[{o}]" if o == default else o for o in options)
-        if "${" in default:
+        if target in chosen:
+            shown += "   (chosen on this command line)"
+        elif "${" in default:
             shown += f"   (follows {default.strip('${}')}: applied when one matches)"
         elif default == "null":
             shown += "   (none chosen: the settings below apply)"
@@ -151,7 +154,7 @@ def check_overrides(conf_name: str, schema, conf_dir: Path, args: list[str]) -> 
                 near = difflib.get_close_matches(bad[0], groups[key], n=1)
                 hint = f" (did you mean {key}={near[0]}?)" if near else ""
                 return (f"{key}={bad[0]}: no such option{hint}; {key} is one of {', '.join(groups[key])} "
-                        f"(trb/conf/{key.split('@')[0]}/)")
+                        f"(conf/{key.split('@')[0]}/)")
             continue
         with_group = [g for g in groups if "@" in g and g.split("@")[-1] == key]
         if with_group:
@@ -166,6 +169,64 @@ def check_overrides(conf_name: str, schema, conf_dir: Path, args: list[str]) -> 
             continue
         near = difflib.get_close_matches(key, sorted(keys | set(groups)), n=2, cutoff=0.6)
         hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-        return (f"{key} is not a setting of trb {conf_name}{hint}; `trb {conf_name} --help` lists them all "
-                f"(+{key}=... adds a new key on purpose)")
+        return f"{key} is not a setting of trb {conf_name}{hint}; `trb {conf_name} --help` lists them all"
     return None
+
+
+COMMANDS = (("train", "train", "TrainConfig"), ("eval", "eval", "EvalConfig"),
+            ("rollout", "rollout", "RolloutRunConfig"))
+
+
+def settings_markdown(conf_dir: Path) -> str:
+    """docs/settings.md: every command's config groups and settings, each with the value the command uses
+    with no overrides and its doc (the same source as --help; tests/test_docs.py keeps the file current)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import trb.config as config
+
+    out = ["# Settings", "",
+           "Every setting of `trb train`, `trb eval` and `trb rollout` with the value the command uses when nothing is",
+           "overridden and what it does. Generated from the field docs in `trb/config.py` (the same text",
+           "`trb <command> --help` prints, with the values a given command line would use): "
+           "`python -m trb.helptext > docs/settings.md`. `trb plan` takes `trb train`'s settings.", ""]
+    for command, conf_name, schema_name in COMMANDS:
+        schema = getattr(config, schema_name)
+        primary = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{conf_name}.yaml"), resolve=False)
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            composed = OmegaConf.to_container(compose(config_name=conf_name), resolve=False)
+        composed.pop("hydra", None)
+        composed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), composed), resolve=False)
+        out += [f"## trb {command}", "", f"Config groups (`group=option`; files in `conf/<group>/`), "
+                f"from `conf/{conf_name}.yaml`:", "", "| group | options (default in bold) |", "|---|---|"]
+        for target, default, options in _groups(conf_dir, primary):
+            shown = ", ".join(f"**{o}**" if o == default else o for o in options)
+            if "${" in default:
+                shown += f" (follows `{default.strip('${}')}` when one matches)"
+            elif default == "null":
+                shown += " (none by default)"
+            out.append(f"| `{target}` | {shown} |")
+        out += ["", "| setting | default | what it does |", "|---|---|---|"]
+        docs = schema_docs(schema)
+        for key, (doc, is_section) in docs.items():
+            value = _lookup(composed, key)
+            if is_section and value is not None:
+                out.append(f"| **{key}** | | {_md(doc)} |")
+                continue
+            parent = key.rsplit(".", 1)[0] if "." in key else None
+            if parent and _lookup(composed, parent) is None:
+                continue  # inside an unset optional section: one line for the section
+            out.append(f"| `{key}` | `{_md(_value(value))}` | {_md(doc)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+if __name__ == "__main__":
+    import sys
+
+    here = Path(__file__).resolve().parent
+    sys.stdout.write(settings_markdown(here / "conf" if (here / "conf").is_dir() else here.parent / "conf"))

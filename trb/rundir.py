@@ -137,6 +137,7 @@ class Claim:
     reset_metrics: bool  # the same run, restarted before its first checkpoint
     notes: list[str]
     fd: int | None = None  # the open, flocked lock file
+    done: dict | None = None  # the run already finished (its summary.json): a re-run does nothing
 
     def commit(self) -> Path | None:
         """Just before the first write: move the old run aside (overwrite), drop the metrics of a run
@@ -282,6 +283,14 @@ def _decide(cfg, c: Claim) -> None:
         c.resume_from = path
         return
     c.resume_from = ckpts[-1] if ckpts else None
+    if ckpts and last == cfg.steps and (run_dir / "summary.json").exists():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = None  # unreadable: the final step is redone, which rewrites it
+        if isinstance(summary, dict) and summary.get("steps") == cfg.steps:
+            c.done = summary  # finished: the final eval, checkpoint and summary exist
+            return
     c.reset_metrics = not ckpts  # the same run, killed before its first checkpoint: its records are redone
     if not ckpts and saved.get("resume") not in (None, "auto", "never"):  # a continuation of another checkpoint
         c.resume_from = Path(saved["resume"]).expanduser()

@@ -463,7 +463,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
 
     Under torchrun or Slurm tasks (WORLD_SIZE > 1) every rank runs this with the same arguments:
     data-parallel, the student sharded with FSDP2 (see trb.distributed); rank 0 logs and writes.
-    Returns the summary (also in summary.json) plus the trained model under "student"."""
+    Returns the summary (also in summary.json) plus the trained model under "student". A run dir whose
+    run already finished these steps is left as it is: the saved summary comes back with already_done
+    = true (and no "student")."""
     own_group = distributed.launched() and not torch.distributed.is_initialized()
     ok = False
     try:
@@ -478,6 +480,14 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         require_cached(train_items(cfg))  # every hub model and dataset of the run, all named at once if missing
         check_plan(cfg, world, log)
         claim = claim_run_dir(cfg, world, Path(run_dir))
+        if claim.done is not None:
+            claim.release()
+            summary = claim.done
+            log(f"already done: {run_dir} finished all {cfg.steps} steps (accuracy {summary.get('accuracy_before')} "
+                f"-> {summary.get('accuracy_after')}; checkpoint {summary.get('checkpoint')}); nothing was run or "
+                f"written. Raise steps= to train further, or overwrite=true to start over")
+            ok = True
+            return {**summary, "already_done": True}
         try:
             try:
                 session = build(cfg, world, Path(run_dir), claim, log)
@@ -512,11 +522,11 @@ def claim_run_dir(cfg: TrainConfig, world: World, run_dir: Path) -> Claim:
                 raise
             refusal = err
     decision = (str(refusal) if refusal else None, type(refusal).__name__ if refusal else None,
-                str(claim.resume_from) if claim and claim.resume_from else None)
-    message, kind, resume = distributed.gather(decision)[0]
+                str(claim.resume_from) if claim and claim.resume_from else None, claim.done if claim else None)
+    message, kind, resume, done = distributed.gather(decision)[0]
     if message:
         raise rundir.RunDirError(message) if kind == "RunDirError" else RuntimeError(f"rank 0: {kind}: {message}")
-    return claim or rundir.Claim(run_dir, Path(resume) if resume else None, None, False, [], False, [])
+    return claim or rundir.Claim(run_dir, Path(resume) if resume else None, None, False, [], False, [], done=done)
 
 
 def _host_available_gb() -> float | None:
