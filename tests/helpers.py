@@ -60,3 +60,55 @@ def train_config(pair, train_size: int, n: int, new_tokens: int, **kw):
                 prompts_per_step=2)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def read_wandb(path) -> list:
+    """The records of an offline W&B run file (run-*.wandb), parsed with wandb's own protobuf schema: the
+    file is a LevelDB-style log (a 7-byte ':W&B' header, 32 KiB blocks, each chunk with a 7-byte header
+    crc32 / length / kind, kinds full 1, first 2, middle 3, last 4). wandb 0.31 ships no reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, out, buf = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            continue
+        buf += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def wandb_offline(run_dir) -> dict:
+    """What an offline W&B run under run_dir/wandb recorded: {run: {id, group, job_type, config},
+    history: [{key: value}], artifacts: [{name, type, aliases, metadata}]}."""
+    import json
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    out = {"run": None, "history": [], "artifacts": []}
+    for rec in read_wandb(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out["run"] = {"id": r.run_id, "group": r.run_group, "job_type": r.job_type,
+                          "config": {u.key: json.loads(u.value_json) for u in r.config.update}}
+        elif kind == "history":
+            out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in rec.history.item})
+        elif kind == "artifact":
+            a = rec.artifact
+            out["artifacts"].append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                                     "metadata": json.loads(a.metadata) if a.metadata else {}})
+    return out

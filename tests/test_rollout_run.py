@@ -115,14 +115,28 @@ def test_opd_rollout_is_student_only(pair, tmp_path):
 
 
 def test_wandb_gets_a_small_page_and_eval_tables_per_checkpoint(pair, tmp_path):
-    """trb rollout sends W&B the first logger.html_rows completions (the run dir's page has all);
-    trb eval logs one samples table per checkpoint."""
+    """trb rollout sends W&B the first logger.html_rows completions (the run dir's page has all) and
+    the probe's rates (scalars and a table); trb eval logs one samples table per checkpoint, in the
+    W&B group of the train run it scores."""
+    from helpers import wandb_offline
+
     s, t = pair
     out = tmp_path / "out"
-    r = cli(["rollout", f"student.path={s}", f"teacher.path={t}", "num_prompts=3", "rollout.n=2",
-             "rollout.max_new_tokens=6", "logger.html_rows=2", f"hydra.run.dir={out}"], cwd=tmp_path,
-            wandb_mode="offline")
+    r = cli(["rollout", f"checkpoint={s}", f"teacher.path={t}", "num_prompts=3", "rollout.n=2",
+             "rollout.max_new_tokens=6", "logger.html_rows=2", "probe.cuts=[0,2]", f"hydra.run.dir={out}"],
+            cwd=tmp_path, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["student"]["path"] == s  # checkpoint= names the student
+    w = wandb_offline(out)
+    logged = {k: v for h in w["history"] for k, v in h.items()}
+    for cut in ("0", "2"):
+        for k in ("student", "teacher", "gain"):
+            assert logged[f"probe/{k}@{cut}"] == pytest.approx(summary["probe"][cut][k])
+    probe = json.loads(next((out / "wandb").glob("offline-run-*/files/media/table/rollout/probe_*.table.json"))
+                       .read_text())
+    assert probe["columns"] == ["cut", "prefixes", "student", "teacher", "gain"] and len(probe["data"]) == 2
+    assert f"student {s}, teacher {t}" in (out / "rollouts.html").read_text()
     pages = list((out / "wandb").glob("offline-run-*/files/media/html/*.html"))
     assert len(pages) == 1 and "first 2 of 6 completions" in pages[0].read_text()
     assert (out / "rollouts.html").read_text().count("class='c'") > pages[0].read_text().count("class='c'")
@@ -141,6 +155,8 @@ def test_wandb_gets_a_small_page_and_eval_tables_per_checkpoint(pair, tmp_path):
              f"output_dir={ev}"], cwd=tmp_path, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((ev / "wandb").glob("offline-run-*/files/media/table/eval/samples_*.table.json"))) == 2
+    e = wandb_offline(ev)
+    assert e["run"]["group"] == "run" and e["run"]["job_type"] == "eval"  # the train run dir's name
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,

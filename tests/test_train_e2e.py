@@ -252,11 +252,15 @@ def test_help_lists_the_commands_groups_and_every_setting_with_its_doc(command, 
 
 
 def test_wandb_gets_a_real_model_artifact_and_completion_tables(pair, tmp_path):
-    """Offline W&B (read from the run's files: wandb 0.31 has no offline reader): the final model is
-    uploaded as files (weights, config, tokenizer; no trainer state, no file:// reference), a table
-    of training completions every logger.table_every steps."""
+    """Offline W&B (the run file read back with wandb's own protobuf schema, tests/helpers.read_wandb):
+    the final model is uploaded as files (weights, config, tokenizer; no trainer state, no file://
+    reference) with its step, accuracy and config as metadata; a table of training completions (with
+    the gold and extracted answers) every logger.table_every steps; the run is grouped under its run
+    dir's name, where `trb eval` of the run dir joins it."""
+    from helpers import wandb_offline
+
     s, t = pair
-    out = tmp_path / "r"
+    out = tmp_path / "r-wandb"
     r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "steps=2", "prompts_per_step=2", "rollout.n=1",
               "rollout.max_new_tokens=6", "eval_every=0", "dataset.eval_size=2", "logger.table_every=1",
               "logger.table_rows=2", f"output_dir={out}"], cwd=tmp_path, wandb_mode="offline")
@@ -265,11 +269,57 @@ def test_wandb_gets_a_real_model_artifact_and_completion_tables(pair, tmp_path):
     tables = sorted((run / "files" / "media" / "table" / "train").glob("completions_*.table.json"))
     assert len(tables) == 2  # steps 0 and 1
     data = json.loads(tables[0].read_text())
-    assert data["columns"] == ["step", "prompt", "completion", "reward", "mean_beta"] and len(data["data"]) == 2
-    assert all(isinstance(row[2], str) and "What is" in row[1] for row in data["data"])
+    assert data["columns"] == ["step", "prompt", "completion", "gold", "extracted", "reward", "mean_beta"]
+    assert len(data["data"]) == 2
+    assert all(isinstance(row[2], str) and "What is" in row[1] and row[3] for row in data["data"])
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"model.safetensors" in log and b"tokenizer.json" in log and b"config.json" in log
     assert b"trainer_state.pt" not in log and b"file://" not in log
+    w = wandb_offline(out)
+    assert w["run"]["group"] == "r-wandb" and w["run"]["job_type"] == "train"
+    (model,) = [a for a in w["artifacts"] if a["type"] == "model"]
+    summary = json.loads((out / "summary.json").read_text())
+    meta = model["metadata"]
+    assert model["name"] == "student-r-wandb" and "step-2" in model["aliases"]
+    assert meta["step"] == 2 and meta["accuracy_after"] == summary["accuracy_after"] is not None
+    assert meta["config"]["student"]["path"] == s and meta["method"] == "trb"
+    assert [h["loss"] for h in w["history"] if "loss" in h] == [
+        x["loss"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+    # trb eval of the run dir: an eval job in the train run's group, linked to its W&B run id
+    ev = tmp_path / "ev"
+    r = _cli(["eval", f"checkpoint={out}", "dataset.eval_size=2", "decoding.max_new_tokens=4",
+              f"output_dir={ev}"], cwd=tmp_path, wandb_mode="offline")
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = wandb_offline(ev)
+    assert e["run"]["group"] == "r-wandb" and e["run"]["job_type"] == "eval"
+    assert e["run"]["config"]["train_run"]["wandb_run_id"] == w["run"]["id"]
+
+
+def test_tensorboard_gets_scalars_tables_and_the_checkpoint(pair, tmp_path):
+    """logger.kind=tensorboard: event files under <run dir>/tensorboard hold every metric as a scalar
+    (the same values as metrics.jsonl), the completions table as text, the config and the final
+    checkpoint's path; read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s, t = pair
+    out = tmp_path / "r"
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "steps=2", "prompts_per_step=2", "rollout.n=1",
+              "rollout.max_new_tokens=6", "eval_every=0", "dataset.eval_size=2", "logger.table_every=1",
+              "logger.kind=tensorboard", f"output_dir={out}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (out / "wandb").exists()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(x["step"], x["loss"]) for x in records if "loss" in x]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("loss")] == losses
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 2]
+    texts = set(acc.Tags()["tensors"])
+    assert {"train/completions/text_summary", "config/text_summary", "checkpoint/text_summary"} <= texts
+    table = acc.Tensors("train/completions/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| step | prompt | completion | gold | extracted | reward | mean_beta |")
+    ckpt = acc.Tensors("checkpoint/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert ckpt.endswith("checkpoints/step_000002")
 
 
 def test_under_a_terminal_a_bar_and_lines_above_it(pair, tmp_path):

@@ -26,6 +26,12 @@ def setting(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING) ->
     return field(default=default, metadata={"doc": doc})
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -270,27 +276,31 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking. metrics.jsonl is always written; W&B on top unless kind=none."""
+    """Experiment tracking. metrics.jsonl is always written; W&B or TensorBoard on top unless kind=none."""
 
-    kind: str = setting("wandb", "wandb | none")
+    kind: str = setting("wandb", "wandb | tensorboard (event files in <run dir>/tensorboard) | none")
     mode: str = setting("auto", "auto (online with credentials, else offline) | online | offline")
     project: str = setting("trb", "W&B project")
     entity: Optional[str] = setting(None, "W&B entity (team or user)")
-    group: Optional[str] = setting(None, "W&B group (sweeps set it to the sweep dir name)")
+    group: Optional[str] = setting(None, "W&B group (null: a sweep's dir name; a train run's own dir name, which "
+                                         "trb eval of that run dir joins)")
     job_type: str = setting("train", "W&B job type")
     tags: list[str] = setting(factory=list, doc="W&B tags")
     init_timeout: int = setting(30, "seconds W&B may take to reach its server before the run logs offline instead")
     artifact: str = setting("model",
                             "final checkpoint to W&B: model (no trainer state) | full | reference (file://) | none")
-    table_every: int = setting(50,
-                               "trb train: W&B table of completions (prompt, text, reward, beta) every N steps (0 = "
-                               "off)")
+    table_every: int = setting(50, "trb train: table of completions (prompt, text, gold, extracted, reward, beta) "
+                                   "every N steps (0 = off)")
     table_rows: int = setting(8, "rollouts per completions table (rank 0's first)")
     html_rows: int = setting(64,
                              "trb rollout: completions in the rollouts.html sent to W&B (the run dir's file has all)")
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("wandb", "none"), f"logger.kind must be wandb or none; got {self.kind!r}")
+        _check(self.kind in ("wandb", "tensorboard", "none"),
+               f"logger.kind must be wandb, tensorboard or none; got {self.kind!r}")
+        _check(self.kind != "tensorboard" or _installed("tensorboard"),
+               "logger.kind=tensorboard needs the tensorboard package: pip install 'trb[tensorboard]' (or "
+               "logger.kind=wandb|none)")
         _check(self.init_timeout >= 1, f"logger.init_timeout must be >= 1 second; got {self.init_timeout}")
         _check(self.artifact in ("model", "full", "reference", "none"),
                f"logger.artifact must be model, full, reference or none; got {self.artifact!r}")
@@ -542,8 +552,11 @@ class RolloutRunConfig:
     """`trb rollout`: sample prompts under a method's behaviour policy (no training) and record
     every token's statistics."""
 
+    checkpoint: Optional[str] = setting(None, "the student sampled, named as in trb eval: a model folder, a trb run "
+                                              "dir (its last checkpoint) or toy:*; replaces student.path (null: "
+                                              "student.path)")
     student: ModelConfig = setting(factory=ModelConfig,
-                                   doc="the model sampled (checkpoint= is an alias of student.path)")
+                                   doc="the model sampled (or checkpoint=)")
     teacher: ModelConfig = setting(factory=lambda: ModelConfig(path="toy:teacher"),
                                    doc="the teacher of the blend / SKD / veto samplers")
     method: MethodConfig = setting(factory=MethodConfig, doc="the method whose behaviour policy samples")

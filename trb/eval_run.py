@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from trb.checkpoint import checkpoint_step, list_checkpoints
-from trb.config import EvalConfig, ModelConfig
+from trb.config import EvalConfig, LoggerConfig, ModelConfig
 from trb.data import DATA_FILE, fit_prompts, load_rows, question_key, render
 from trb.download import eval_items, model_items, require_cached
 from trb.evaluate import evaluate
@@ -125,6 +125,30 @@ def claim_eval_dir(cfg: EvalConfig, out_dir: Path) -> tuple[Claim, dict[str, dic
         raise
 
 
+def train_runs_of(checkpoints: list) -> dict | None:
+    """The trb train run all these checkpoints come from ({run_dir, group, wandb_run_id}), else None. Its
+    W&B group is the one this eval joins (job_type eval), next to the train run."""
+    from trb.train import train_group
+
+    dirs = set()
+    for ckpt in checkpoints:
+        parent = Path(str(ckpt)).parent
+        if parent.name != "checkpoints" or not (parent.parent / "train_config.json").is_file():
+            return None
+        dirs.add(parent.parent.resolve())
+    if len(dirs) != 1:
+        return None
+    (run,) = dirs
+    try:
+        saved = json.loads((run / "train_config.json").read_text()).get("logger") or {}
+        logger = LoggerConfig(**{k: v for k, v in saved.items() if k in ("group", "kind")})
+    except (OSError, ValueError, TypeError):
+        return None
+    run_id = run / "wandb_run_id"
+    return {"run_dir": str(run), "group": train_group(logger, run),
+            "wandb_run_id": run_id.read_text().strip() if run_id.is_file() else None}
+
+
 def run_eval(cfg: EvalConfig, out_dir: Path | str, log=print) -> dict:
     """Evaluate every checkpoint of cfg into out_dir (a dir of this eval's own: locked; an earlier run
     of the same eval there is continued, its evaluated checkpoints reused)."""
@@ -213,7 +237,9 @@ def _evaluate_all(cfg: EvalConfig, out_dir: Path, checkpoints: list[str], rows: 
                             "the longest prompt + decoding.max_new_tokens")
             commit()
             if tracker is None:
-                tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
+                trained = train_runs_of(checkpoints)
+                tracker = Tracker(cfg.logger, out_dir, {**dataclasses.asdict(cfg), "train_run": trained},
+                                  name=out_dir.name, group=trained["group"] if trained else None)
             if too_long:
                 log(f"warning: {too_long} of {len(rows)} problems have prompts over max_prompt_tokens="
                     f"{cfg.max_prompt_tokens} tokens and are skipped (eval/skipped_too_long)")

@@ -227,6 +227,13 @@ def render_html(records: list[dict], summary: dict, title: str) -> str:
 
 def run_rollout(cfg: RolloutRunConfig, out_dir: Path | str, log=print) -> dict:
     """Sample, record, grade, probe; write rollouts.jsonl / rollouts.html / summary.json."""
+    if cfg.checkpoint:  # the student as trb eval names it: a run dir stands for its last checkpoint
+        from trb.eval_run import resolve_checkpoints
+
+        path = resolve_checkpoints(cfg.checkpoint)[-1]
+        if path != cfg.checkpoint:
+            log(f"checkpoint={cfg.checkpoint}: sampling its last checkpoint, {path}")
+        cfg = dataclasses.replace(cfg, checkpoint=None, student=dataclasses.replace(cfg.student, path=path))
     require_cached(model_items(cfg.student, "student.path") + model_items(cfg.teacher, "teacher.path") +
                    eval_items(cfg.dataset))
     rows = load_rows(cfg.dataset, cfg.seed, role="eval", log=log)  # before any weight is loaded
@@ -354,19 +361,24 @@ def _run_rollout(cfg: RolloutRunConfig, out_dir: Path, rows: list[dict], claim, 
     if moved is not None:
         log(f"overwrite=true: the previous rollout's files moved to {moved}")
     write_atomic(out_dir / "rollouts.jsonl", "".join(json.dumps(rec) + "\n" for rec in records))
-    title = f"trb rollout: method={cfg.method.name}, step {cfg.step}, eps {eps:g}"
+    title = (f"trb rollout: student {cfg.student.path}, teacher {cfg.teacher.path}, method={cfg.method.name}, "
+             f"step {cfg.step}, eps {eps:g}")
     write_atomic(out_dir / "rollouts.html", render_html(records, summary, title))
     write_atomic(out_dir / "summary.json", json.dumps(_finite({"config": dataclasses.asdict(cfg), **summary}),
                                                        indent=1))
 
     tracker = Tracker(cfg.logger, out_dir, dataclasses.asdict(cfg), name=out_dir.name)
-    tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, cfg.step)
-    if tracker.run is not None:  # a sample of the rows: the page grows with rows x length (~70 MB at the paper's)
-        import wandb
-
-        page = render_html(records[: cfg.logger.html_rows], summary,
-                           f"{title} (first {min(cfg.logger.html_rows, len(records))} of {len(records)} completions)")
-        tracker.run.log({"rollouts": wandb.Html(page)})
+    probe = {f"probe/{k}@{t}": r[k] for t, r in summary.get("probe", {}).items() if r["prefixes"]
+             for k in ("student", "teacher", "gain")}  # success rates of the continuations from each cut t
+    tracker.log({**{k: v for k, v in summary.items() if isinstance(v, (int, float))}, **probe}, cfg.step)
+    if "probe" in summary:
+        tracker.table("rollout/probe", ["cut", "prefixes", "student", "teacher", "gain"],
+                      [[int(t), r["prefixes"], r["student"], r["teacher"], r["gain"]]
+                       for t, r in summary["probe"].items()], cfg.step)
+    # a sample of the rows: the page grows with rows x length (~70 MB at the paper's)
+    tracker.html("rollouts", lambda: render_html(
+        records[: cfg.logger.html_rows], summary,
+        f"{title} (first {min(cfg.logger.html_rows, len(records))} of {len(records)} completions)"))
     tracker.finish()
     print_summary(summary, log)
     log(f"wrote {out_dir / 'rollouts.jsonl'}, {out_dir / 'rollouts.html'}, {out_dir / 'summary.json'}")

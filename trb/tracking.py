@@ -1,4 +1,4 @@
-"""Run tracking: metrics.jsonl in the run dir (always) and W&B on top (unless logger.kind=none)."""
+"""Run tracking: metrics.jsonl in the run dir (always), and W&B or TensorBoard on top (logger.kind)."""
 
 from __future__ import annotations
 
@@ -33,14 +33,25 @@ def _new_run_id() -> str:
 
 
 class Tracker:
-    """log(metrics, step) to metrics.jsonl and W&B; finish() closes both."""
+    """log(metrics, step) to metrics.jsonl and the chosen tracker (logger.kind: wandb | tensorboard | none);
+    tables, the model artifact and HTML pages go where the tracker has a place for them; finish() closes all.
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str | None = None):
+    group: the W&B group (default logger.group); train runs use their run dir's name when logger.group is
+    unset, so that `trb eval` of a run dir joins the train run's group. start_step: a resumed run's first
+    step (TensorBoard drops what an earlier attempt logged from there on, as metrics.jsonl does)."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str | None = None,
+                 group: str | None = None, start_step: int | None = None):
         started()  # the run writes from here on: a failure is no longer a refusal
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
-        self.run = None
+        self.run = None  # the W&B run
+        self.tb = None  # the TensorBoard writer
+        if cfg.kind == "tensorboard":
+            self.tb = _tensorboard(Path(run_dir) / TENSORBOARD_DIR, start_step)
+            self.tb.add_text("config", "```json\n" + json.dumps(config, indent=1, default=str) + "\n```",
+                             global_step=start_step or 0)
         if cfg.kind == "wandb":
             mode = _wandb_mode(cfg)
             if mode != "disabled":
@@ -51,7 +62,7 @@ class Tracker:
                 run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
 
                 def start(mode: str):
-                    return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,
+                    return wandb.init(project=cfg.project, entity=cfg.entity, group=group or cfg.group,
                                       job_type=cfg.job_type, tags=list(cfg.tags), config=config, name=name,
                                       dir=str(run_dir), mode=mode, reinit="finish_previous", id=run_id,
                                       resume="allow", settings=wandb.Settings(init_timeout=cfg.init_timeout))
@@ -72,6 +83,11 @@ class Tracker:
                     warnings.warn(f"W&B init failed ({err}); continuing with metrics.jsonl only", stacklevel=2)
                     self.run = None
 
+    @property
+    def wants_tables(self) -> bool:
+        """Whether tables go anywhere (W&B or TensorBoard on)."""
+        return self.run is not None or self.tb is not None
+
     def log(self, metrics: dict, step: int, record: dict | None = None) -> None:
         """`record`: extra fields for metrics.jsonl only (what the line is about, e.g. a checkpoint path)."""
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
@@ -82,36 +98,83 @@ class Tracker:
         self._file.flush()
         if self.run is not None:
             self.run.log(clean, step=step)
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(k, v, global_step=step)
+            self.tb.flush()
 
-    def log_artifact(self, path: Path, name: str, kind: str = "model", what: str = "model") -> None:
+    def log_artifact(self, path: Path, name: str, kind: str = "model", what: str = "model",
+                     metadata: dict | None = None, aliases: list[str] | None = None) -> None:
         """The checkpoint folder as a W&B artifact: model (its files but trainer_state.pt: weights,
         config, tokenizer, so a teammate's `artifact.download()` gets a loadable folder), full (all
-        files), reference (a file:// pointer: nothing uploaded, usable only on this file system), none."""
-        if self.run is None or what == "none":
+        files), reference (a file:// pointer: nothing uploaded, usable only on this file system), none.
+        metadata (step, accuracy, the run's config) is shown with the artifact. TensorBoard has no
+        artifacts: the checkpoint's path is logged as text."""
+        if what == "none":
+            return
+        if self.tb is not None:
+            self.tb.add_text("checkpoint", f"{Path(path).resolve()}", global_step=(metadata or {}).get("step", 0))
+            self.tb.flush()
+        if self.run is None:
             return
         import wandb
 
-        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:128], type=kind)  # W&B's allowed characters
+        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:128], type=kind,  # W&B's allowed characters
+                             metadata=json.loads(json.dumps(metadata or {}, default=str)))
         if what == "reference":
             art.add_reference(Path(path).resolve().as_uri())
         else:
             for f in sorted(Path(path).iterdir()):
                 if f.is_file() and (what == "full" or f.name != "trainer_state.pt"):
                     art.add_file(str(f), name=f.name)
-        self.run.log_artifact(art)
+        self.run.log_artifact(art, aliases=["latest", *(aliases or [])])
 
     def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
-        """A W&B table (no-op without W&B)."""
-        if self.run is None:
-            return
-        import wandb
+        """A W&B table; in TensorBoard a markdown table under the text tab (no-op with neither)."""
+        if self.run is not None:
+            import wandb
 
-        self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+        if self.tb is not None:
+            self.tb.add_text(key, markdown_table(columns, rows), global_step=step)
+            self.tb.flush()
+
+    def html(self, key: str, page) -> None:
+        """An HTML page (page() builds it only when a tracker shows pages: W&B)."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Html(page())})
 
     def finish(self) -> None:
         self._file.close()
         if self.run is not None:
             self.run.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+TENSORBOARD_DIR = "tensorboard"  # logger.kind=tensorboard: the event files, under the run dir
+
+
+def _tensorboard(log_dir: Path, start_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # LoggerConfig checks the package first; a broken install still says what
+        raise UserError(f"logger.kind=tensorboard: {err}; pip install 'trb[tensorboard]' or use "
+                        f"logger.kind=wandb|none") from None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        text = "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:

@@ -39,7 +39,7 @@ from trb import distributed, rundir
 from trb.blend import RowNoise, compile_search
 from trb.checkpoint import (CheckpointWriteError, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
-from trb.config import TrainConfig
+from trb.config import LoggerConfig, TrainConfig
 from trb.download import require_cached, train_items
 from trb.data import DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data
 from trb.diagnostics import effective_temperature, rollout_metrics
@@ -182,9 +182,10 @@ class _Run:
     version: tuple = ()  # (this run, optimiser steps taken): which weights the engine must hold
 
     def tracker_wants_table(self, step: int) -> bool:
-        """Rank 0 with W&B on logs a table of training completions every logger.table_every steps."""
+        """Rank 0 with W&B or TensorBoard on logs a table of training completions every logger.table_every
+        steps."""
         lg = self.cfg.logger
-        return (self.world.main and lg.kind == "wandb" and lg.table_every > 0 and lg.table_rows > 0
+        return (self.world.main and lg.kind != "none" and lg.table_every > 0 and lg.table_rows > 0
                 and step % lg.table_every == 0)
 
     def local_batch(self, rows: list[dict], seed: int, n: int):
@@ -392,15 +393,17 @@ def opd_step(run: _Run, rows: list[dict], step: int) -> StepResult:
     # rollout reward (a diagnostic; OPD itself needs no gold answers, e.g. OpenThoughts3 prompts)
     graded, table = all(g is not None for g in golds), run.tracker_wants_table(step)
     texts = decode_completions(run.tok, ro.tokens, ro.response_mask) if graded or table else []
-    rewards = run.grader.grade(texts, golds) if graded else []
+    judged = run.grader.judge(texts, golds) if graded else []
+    rewards = [j.correct for j in judged]
     t_grade = time.time()
     samples = None
     if table:
         rows_shown = range(min(run.cfg.logger.table_rows, len(texts)))
         mask = ro.response_mask.float()
         beta = ((ro.beta.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-        samples = [[step, run.tok.decode(ro.prompt_ids[b][ro.prompt_mask[b].bool()]), texts[b],
-                    float(rewards[b]) if rewards else None, beta[b]] for b in rows_shown]
+        samples = [[step, run.tok.decode(ro.prompt_ids[b][ro.prompt_mask[b].bool()]), texts[b], golds[b],
+                    judged[b].extracted if judged else None, float(rewards[b]) if rewards else None, beta[b]]
+                   for b in rows_shown]
 
     # 2. per micro-batch: teacher forward (fills the teacher's records when it did not decode), then
     # the student's loss to the method's target; one optimiser step
@@ -507,6 +510,13 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
             distributed.finish(barrier=ok)
 
 
+def train_group(logger: LoggerConfig, run_dir: Path) -> str:
+    """A train run's W&B group: logger.group (a sweep's dir name), else the run dir's name, which the evals of
+    the run dir (`trb eval checkpoint=RUN_DIR`) join."""
+    return logger.group or Path(run_dir).name
+
+
+COMPLETION_COLUMNS = ["step", "prompt", "completion", "gold", "extracted", "reward", "mean_beta"]  # W&B / TB table
 _PROMPT_SAMPLE = 2000  # training prompts whose length is checked at start
 
 
@@ -702,7 +712,8 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
             evals = truncate_metrics(run_dir, start, final=start >= cfg.steps)
     if resume_from is not None:
         log(f"resuming from {resume_from} (step {start})")
-    tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name) if world.main else None
+    tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name,
+                      group=train_group(cfg.logger, run_dir), start_step=start) if world.main else None
     method = Method(cfg.method, cfg.blend, cfg.rollout.temperature, cfg.rollout.draft_k)
     run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, Grader(workers=1), gen, device, method,
                Estimator.from_config(cfg.loss), engine, version)
@@ -788,8 +799,7 @@ def loop(s: _Session, log) -> None:
             if run.world.main:
                 s.tracker.log(metrics, step)
                 if result.samples:
-                    s.tracker.table("train/completions", ["step", "prompt", "completion", "reward", "mean_beta"],
-                                    result.samples, step)
+                    s.tracker.table("train/completions", COMPLETION_COLUMNS, result.samples, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{metrics['eps']:.4f}",
                             reward=f"{metrics.get('rollout/reward', float('nan')):.2f}",
                             acc=f"{s.evals[-1]['eval/accuracy']:.2f}" if s.evals else "-")
@@ -869,7 +879,12 @@ def finish(s: _Session, log) -> dict:
         "grading": dataclasses.asdict(run.grader.stats),
     }
     if world.main:
-        s.tracker.log_artifact(ckpt, f"student-{s.run_dir.name}", what=cfg.logger.artifact)
+        meta = {"step": cfg.steps, "method": run.method.name, "blend": cfg.blend.kind, "student": cfg.student.path,
+                "teacher": cfg.teacher.path, "dataset": cfg.dataset.name, "run_dir": str(s.run_dir),
+                "accuracy_before": summary["accuracy_before"], "accuracy_after": summary["accuracy_after"],
+                "eval": s.evals[-1] if s.evals else None, "config": dataclasses.asdict(cfg)}
+        s.tracker.log_artifact(ckpt, f"student-{s.run_dir.name}", what=cfg.logger.artifact,
+                               aliases=[f"step-{cfg.steps}"], metadata=meta)
         (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         s.tracker.finish()
         log(f"done: accuracy {summary['accuracy_before']} -> {summary['accuracy_after']}; checkpoint {ckpt}")
