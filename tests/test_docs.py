@@ -74,3 +74,36 @@ def test_every_documented_setting_can_be_overridden():
                     break
                 node = node[part]
         assert not missing, f"conf/{conf}.yaml lacks {missing}"
+
+
+def _complete(env_extra: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    r = subprocess.run([sys.executable, "-c", "import sys; from trb.cli import main; sys.argv[0] = 'trb'; main()"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_shell_completion_of_commands_keys_and_group_options():
+    """`trb --show-completion` works; completion offers commands, every setting as `key=`, config groups and
+    their options (zsh and fish get `group=option`, bash, which splits at '=', the option)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys; from trb.cli import main; sys.argv[0] = 'trb'; main()",
+                        "--show-completion", "bash"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "_TRB_COMPLETE=complete_bash" in r.stdout, r.stderr[-2000:]
+    zsh = _complete({"_TRB_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "trb train rollout.max"})
+    assert '"rollout.max_new_tokens="' in zsh and '"rollout.max_rows="' in zsh and "rollout.n=" not in zsh
+    zsh = _complete({"_TRB_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "trb train method=s"})
+    assert '"method=skd"' in zsh and '"method=sft_warmup"' in zsh and "method=trb" not in zsh
+    zsh = _complete({"_TRB_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "trb rollout chec"})
+    assert '"checkpoint="' in zsh
+    bash = _complete({"_TRB_COMPLETE": "complete_bash", "COMP_WORDS": "trb eval dataset = ", "COMP_CWORD": "4"})
+    assert set(bash.split()) >= {"gsm8k", "math500", "aime24"} and "toy:student" not in bash
+    bash = _complete({"_TRB_COMPLETE": "complete_bash", "COMP_WORDS": "trb ro", "COMP_CWORD": "1"})
+    assert bash.split() == ["rollout"]

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from trb import __version__
 from trb.errors import RunStopped, UserError, has_started
@@ -40,10 +41,31 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 # trb at a copy of the tree instead.
 _PKG = Path(__file__).resolve().parent
 CONF_DIR = Path(os.environ.get("TRB_CONF_DIR") or (_PKG / "conf" if (_PKG / "conf").is_dir() else _PKG.parent / "conf"))
-HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
-                                   "help_option_names": []}, "add_help_option": False}
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _HydraCommand(TyperCommand):
+    """A command that takes Hydra overrides: shell completion offers its settings (`key=`), config groups
+    and their options (`group=option`)."""
+
+    CONFS = {"train": ("train", "TrainConfig"), "plan": ("train", "TrainConfig"), "download": ("train", "TrainConfig"),
+             "eval": ("eval", "EvalConfig"), "rollout": ("rollout", "RolloutRunConfig")}
+
+    def shell_complete(self, ctx, incomplete: str):
+        from click.shell_completion import CompletionItem
+
+        import trb.config as config
+        from trb.helptext import complete_overrides
+
+        conf, schema = self.CONFS[self.name]
+        words = list(getattr(ctx, "args", []) or [])
+        return [CompletionItem(c) for c in complete_overrides(CONF_DIR, conf, getattr(config, schema), words,
+                                                              incomplete)]
+
+
+HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
+                                   "help_option_names": []}, "add_help_option": False, "cls": _HydraCommand}
+
+app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="trb: on-policy distillation with Trust-Region behavior Blending (TRB).")
 toy_app = typer.Typer(help="The embedded toy task and models.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
@@ -458,7 +480,8 @@ def _user_overrides(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "output_dir="))]
 
 
-@app.command("download", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("download", cls=_HydraCommand,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def download_cmd(
     ctx: typer.Context,
     eval_sets: str = typer.Option("", "--eval", help="Evaluation presets to fetch too, comma-separated (e.g. "

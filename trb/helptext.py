@@ -173,6 +173,29 @@ def check_overrides(conf_name: str, schema, conf_dir: Path, args: list[str]) -> 
     return None
 
 
+def complete_overrides(conf_dir: Path, conf_name: str, schema, words: list[str], incomplete: str) -> list[str]:
+    """Shell completion of a Hydra command line: `key=` for every setting and group, `group=option` after
+    `group=`. words: the arguments before the one being completed (bash splits `key=value` at the `=`, so
+    there `key`, `=` come before the value)."""
+    from omegaconf import OmegaConf
+
+    primary = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{conf_name}.yaml"), resolve=False)
+    groups = {target: options for target, _, options in _groups(conf_dir, primary)}
+    for entry in primary.get("defaults", []):  # `group@target=` is how an unset optional group is chosen
+        if isinstance(entry, dict):
+            (key, _), = entry.items()
+            key = key.removeprefix("optional ")
+            if "@" in key and key.split("@")[-1] in groups:
+                groups[key] = groups[key.split("@")[-1]]
+    if "=" in incomplete:
+        key, value = incomplete.split("=", 1)
+        return [f"{key}={o}" for o in groups.get(key, []) if o.startswith(value)]
+    if words and words[-1] == "=" and len(words) >= 2:  # bash: the value alone
+        return [o for o in groups.get(words[-2], []) if o.startswith(incomplete)]
+    keys = [f"{k}=" for k, (_, section) in schema_docs(schema).items() if not section]
+    return sorted(k for k in {*keys, *(f"{g}=" for g in groups)} if k.startswith(incomplete))
+
+
 COMMANDS = (("train", "train", "TrainConfig"), ("eval", "eval", "EvalConfig"),
             ("rollout", "rollout", "RolloutRunConfig"))
 
