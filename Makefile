@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # what CI runs: every test (incl. the real-weights smoke run, which needs bench-deps, and the vLLM engine
 # tests, which need vllm-deps), offline, W&B off
 test: install bench-deps vllm-deps
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q --durations=30
 
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q -m "not slow"

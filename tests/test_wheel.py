@@ -1,7 +1,10 @@
 """The wheel works from any directory: built here, installed into a fresh venv that sees the test
-env's dependencies (not its editable trb), run from a temporary directory."""
+env's dependencies (not its editable trb), run from a temporary directory: the README's CPU tour,
+verbatim."""
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_wheel_installs_and_runs_from_any_directory(tmp_path):
     src = tmp_path / "src"  # a copy: building in the repo would leave build/ behind
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for name in ("trb", "conf"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -54,9 +57,20 @@ def test_wheel_installs_and_runs_from_any_directory(tmp_path):
     assert r.returncode == 0 and "path: toy:student" in r.stdout, r.stderr[-3000:]
     r = subprocess.run([trb_exe, "train", "--help"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr and "trb train" in r.stdout, r.stderr[-3000:]
-    r = subprocess.run([trb_exe, "train", "steps=1", "prompts_per_step=2", "rollout.n=1", "rollout.max_new_tokens=6",
-                        "eval_every=0", "dataset.eval_size=4", "logger.kind=none", "output_dir=run"], cwd=work,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (work / "run" / "summary.json").exists() and (work / "run" / ".hydra").is_dir()
-    assert sorted(p.name for p in work.iterdir()) == ["run"]  # nothing else written where it ran
+    # the README's CPU tour, every line verbatim, from the installed wheel in an empty directory
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- tour -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) >= 4 and all(c.startswith("trb ") for c in commands), commands
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    for command in commands:
+        r = subprocess.run(shlex.split(command), cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (command, r.stderr[-3000:])
+    runs = work / "runs"
+    summary = json.loads((runs / "tour" / "summary.json").read_text())
+    assert summary["accuracy_after"] > summary["accuracy_before"]  # the tour visibly distils
+    assert (runs / "tour" / "checkpoints" / "step_000060" / "model.safetensors").exists()
+    results = json.loads((runs / "tour-eval" / "results.json").read_text())
+    assert results["results"][-1]["checkpoint"].endswith("step_000060")
+    assert (runs / "tour-rollout" / "rollouts.html").exists() and (runs / "tour-report" / "report.md").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing else written where it ran

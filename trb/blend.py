@@ -1,6 +1,6 @@
 """Behaviour policies: pure functions on log-probability tensors of shape [..., V].
 
-The trust-region blend (method.md section 2):
+The trust-region blend (docs/method.md section 2):
 
     mu*(.|h) = argmin_mu KL(mu || pi_T)  s.t.  KL(mu || pi_S) <= eps
     log mu_beta = (1 - beta) log pi_S + beta log pi_T - log Z(beta)
@@ -393,7 +393,7 @@ def topk_mask(logprobs: torch.Tensor, k: int) -> torch.Tensor:
 def skd_behavior_logprobs(
     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, top_k: int, teacher_temperature: float
 ) -> torch.Tensor:
-    """Closed-form distribution of SKD's emitted token (method.md section 5).
+    """Closed-form distribution of SKD's emitted token (docs/method.md section 5).
 
     The student proposes y ~ pi_S; y is kept when it is in the teacher's top-K, otherwise it is
     replaced by a fresh sample from pi_T at temperature tau_T. Hence
@@ -435,7 +435,7 @@ _STOP_IDS: dict = {}
 
 
 def canonicalize_eos(logprobs: torch.Tensor, stop_ids: list[int], canonical_id: int) -> torch.Tensor:
-    """Move the mass of every stop id onto one canonical id (method.md section 4).
+    """Move the mass of every stop id onto one canonical id (docs/method.md section 4).
 
     Student and teacher may end sequences with different ids; after this both put their whole
     stop probability on `canonical_id` and give 0 to the other stop ids, so blending and the

@@ -86,7 +86,7 @@ class BlendConfig:
 
 @dataclass
 class MethodConfig:
-    """Which distillation method (method.md section 5): only the sampler, target or start differs.
+    """Which distillation method (docs/method.md section 5): only the sampler, target or start differs.
 
     opd: student rollouts. trb: the trust-region blend with the blend schedule (linear, cosine,
     step). fixed: the trust-region blend with a constant eps. skd: student token kept when in the

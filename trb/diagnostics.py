@@ -1,4 +1,4 @@
-"""What a sampler does, measured: the diagnostics of method.md section 7 from a `Rollout`.
+"""What a sampler does, measured: the diagnostics of docs/method.md section 7 from a `Rollout`.
 
 Used by every training step (metrics.jsonl / W&B) and by `trb rollout` (summary.json, console
 table). All statistics are over response tokens (the mask) unless named per sequence.

@@ -3,7 +3,7 @@
 All per-position functions take rows of log-probabilities [N, V] (one row per response
 position) and return per-row tensors [N]: a *surrogate* whose gradient is the estimator's
 gradient, and the estimator's *value* (detached) for logging. The caller averages over
-response tokens (token-mean, method.md section 1).
+response tokens (token-mean, docs/method.md section 1).
 
 Estimators of KL(pi_theta(.|h) || pi_T(.|h)):
   full     exact sum over the vocabulary.

@@ -1,4 +1,4 @@
-"""One object per run that answers, for optimiser step k, what the method does (method.md section 5):
+"""One object per run that answers, for optimiser step k, what the method does (docs/method.md section 5):
 which sampler draws the rollouts, which target the loss matches (Veto's B), whether the step is a
 supervised step on teacher samples (sft_warmup). Built once from the method, blend and rollout
 configs; the training loop and `trb rollout` only ask it."""
