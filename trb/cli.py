@@ -65,7 +65,7 @@ class _HydraCommand(TyperCommand):
 HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
                                    "help_option_names": []}, "add_help_option": False, "cls": _HydraCommand}
 
-app = typer.Typer(add_completion=True, no_args_is_help=True,
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode="markdown",
                   help="trb: on-policy distillation with Trust-Region behavior Blending (TRB).")
 toy_app = typer.Typer(help="The embedded toy task and models.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
