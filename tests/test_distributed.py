@@ -115,6 +115,26 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
     assert _max_diff(_weights(one, 3), _weights(resumed, 3)) < TOL
 
 
+def test_lora_two_processes_match_one(tmp_path):
+    """A LoRA student under FSDP2 (frozen base and trainable adapter in the same sharded layers), with
+    micro-batches and activation checkpointing: the adapter after 3 steps equals the 1-process run's, the
+    replicas are identical, and the checkpoint's AdamW state covers the adapter only."""
+    lora = ["lora.rank=4", "lora.alpha=8", "train.activation_checkpointing=true"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _run(["train", *COMMON, *lora, f"output_dir={one}"], tmp_path)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _run(["train", *COMMON, *lora, MICRO, f"output_dir={two}"], tmp_path, procs=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert len(set(json.loads((two / "summary.json").read_text())["replica_sha256"])) == 1
+    a1, a2 = (load_file(d / "checkpoints" / "step_000003" / "adapter_model.safetensors") for d in (one, two))
+    assert a1 and _max_diff(a1, a2) < TOL
+    assert max(float(v.abs().max()) for k, v in a2.items() if "lora_B" in k) > 0  # B left its zero start
+    state = torch.load(two / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=True)
+    assert sum(v["exp_avg"].numel() for v in state["optimizer"]["state"].values()) == sum(
+        v.numel() for v in a2.values())
+    assert _evals(one) == _evals(two)
+
+
 def test_two_processes_in_bf16_with_activation_checkpointing(tmp_path):
     """FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 reduce) + checkpointed layers + micro-batches + a
     bf16 rollout copy: trains, the checkpoint holds the float32 master weights gathered from the

@@ -270,6 +270,38 @@ def test_push_then_fresh_logprobs_and_prefix_cache_reset(toy):
 
 
 @needs_vllm
+def test_a_lora_student_is_pushed_merged(toy):
+    """A LoRA student (PEFT layers, random B) pushed to the engine: its log-probs are the LoRA model's own
+    (base + scale * B @ A), and a second adapter state pushed after an update replaces the first."""
+    import copy
+
+    from trb import lora
+    from trb.config import LoraConfig
+
+    model, tok, stop, path = toy
+    engine = _engine(model, path)
+    student = copy.deepcopy(model)
+    lora.apply_lora(student, LoraConfig(rank=4, alpha=8.0))
+    _, ids, mask = _problems(tok, 1, seed=3)
+    seq = ids[0][mask[0].bool()].tolist() + [19, 15, 25, 31, 22]
+    try:
+        for version, seed in ((("lora", 0), 0), (("lora", 1), 1)):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for name, p in student.named_parameters():
+                    if ".lora_" in name:
+                        p.copy_(0.2 * torch.randn_like(p))
+            assert engine.sync(student, version) > 0
+            ref = _true_logprobs(student, seq)
+            want = torch.stack([ref[k, t] for k, t in enumerate(seq[1:])])
+            plain = _true_logprobs(model, seq)
+            assert (torch.stack([plain[k, t] for k, t in enumerate(seq[1:])]) - want).abs().max() > 1e-2
+            assert (engine.score(seq).double() - want).abs().max() <= 1e-4
+    finally:
+        engine.sync(model, ("test", 9))
+
+
+@needs_vllm
 def test_records_rescored_equal_engine_logprobs_and_several_stop_ids(toy):
     """student_records (trb's forward over the finished sequences) reproduces vLLM's temperature-1
     log-probs; with two stop ids either ends a sample, recorded as the student's EOS."""

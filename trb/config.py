@@ -403,6 +403,33 @@ class StepConfig:
                f"train.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA student (PEFT): only the adapter trains; rank 0 trains every weight."""
+
+    rank: int = setting(0, "LoRA rank r (0: off, every student weight trains)")
+    alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = setting(0.0, "dropout on the adapter's input while training (0: the rollouts' and the loss's "
+                                  "forwards are the same function)")
+    target_modules: list[str] = setting(factory=lambda: list(LORA_TARGETS),
+                                        doc="linear layers that get an adapter (default: every attention and MLP "
+                                            "projection of Qwen3 / Llama-style models)")
+    save_merged: bool = setting(False, "also save each checkpoint's merged weights in <checkpoint>/merged/ (a "
+                                       "plain model folder, as large as the student)")
+
+    def __post_init__(self) -> None:
+        _finite(self, "lora.")
+        _check(self.rank >= 0, f"lora.rank must be >= 0; got {self.rank}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0; got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1); got {self.dropout}")
+        _check(bool(self.target_modules), "lora.target_modules is empty: name the linear layers to adapt")
+        _check(not self.rank or _installed("peft"),
+               "lora.rank > 0 needs the peft package: pip install 'trb[lora]' (or lora.rank=0)")
+
+
 @dataclass
 class PlanConfig:
     """`trb plan` (and the check `trb train` runs at start on GPUs): peak memory per device and phase."""
@@ -456,6 +483,7 @@ class TrainConfig:
     plan: PlanConfig = setting(factory=PlanConfig,
                                doc="the memory plan trb train checks at start (and trb plan prints)")
     engine: EngineConfig = setting(factory=EngineConfig, doc="student-only rollouts (eps = 0) and the periodic eval")
+    lora: LoraConfig = setting(factory=LoraConfig, doc="train a LoRA adapter of the student instead of every weight")
     steps: int = setting(600, "optimiser steps (one rollout batch each)")
     prompts_per_step: int = setting(16, "prompts per step (x rollout.n samples)")
     eval_every: int = setting(100, "eval (eval_decoding) on the held-out split every N steps (0 = only start and end)")

@@ -121,9 +121,16 @@ def _weights(model, dtype: torch.dtype):
     """(name, tensor) of every parameter, tied ones under each of their names (vLLM loads the LM
     head of a tied model from its own name), one tensor at a time: an FSDP2 shard is all-gathered
     when its turn comes (a collective: every rank pushes the same sequence) and cast to the engine's
-    dtype, so at most one full tensor exists beyond the model itself."""
+    dtype, so at most one full tensor exists beyond the model itself. A LoRA student's adapters are merged
+    into its weights (trb.lora.plain_weights)."""
     from torch.distributed.tensor import DTensor
 
+    from trb import lora
+
+    if lora.is_lora(model):  # a LoRA student: its weights with the adapters merged, under the plain names
+        for name, full in lora.plain_weights(model):
+            yield name, full.to(dtype)
+        return
     for name, p in model.named_parameters(remove_duplicate=False):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         yield name, full.detach().to(dtype)

@@ -16,6 +16,7 @@ import torch
 
 from trb.checkpoint import checkpoint_step, list_checkpoints
 from trb.config import EvalConfig, LoggerConfig, ModelConfig
+from trb.lora import adapter_base, is_adapter_folder
 from trb.data import DATA_FILE, fit_prompts, load_rows, question_key, render
 from trb.download import eval_items, model_items, require_cached
 from trb.evaluate import evaluate
@@ -248,9 +249,11 @@ def _evaluate_all(cfg: EvalConfig, out_dir: Path, checkpoints: list[str], rows: 
             if kind == "vllm" and not max_len:  # the longest prompt kept + the completion cap
                 max_len = cfg.decoding.max_new_tokens + longest
             # a running engine gets this checkpoint's weights pushed (version None: always); a new one loads them
-            engine = make_engine(kind, model, resolve_path(mcfg, "checkpoint"), model.dtype, cfg.engine, max_len,
-                                 cfg.seed, device, trust_remote_code=mcfg.trust_remote_code, setting="checkpoint",
-                                 log=log)
+            # (a LoRA adapter: a new engine starts from its base's folder and gets the merged weights pushed)
+            adapter = is_adapter_folder(ckpt)
+            engine = make_engine(kind, model, adapter_base(ckpt) if adapter else resolve_path(mcfg, "checkpoint"),
+                                 model.dtype, cfg.engine, max_len, cfg.seed, device, weights_from_path=not adapter,
+                                 trust_remote_code=mcfg.trust_remote_code, setting="checkpoint", log=log)
             with tqdm(total=n_seq, desc=Path(ckpt).name, dynamic_ncols=True, disable=None) as bar:
                 metrics, samples = evaluate(engine, tok, rows_k, stop_spec(model, tok), grader, cfg.prompt,
                                             cfg.decoding, progress=bar.update)

@@ -41,6 +41,10 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str |
 
     key = setting or f"{role}.path"
     path = resolve_path(cfg, role)
+    from trb import lora
+
+    if lora.is_adapter_folder(path):  # a LoRA checkpoint: its base with the adapter merged in
+        return _load_adapter(cfg, path, role, device, key)
     local = Path(path).expanduser().exists()
     if not local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise ModelLoadError(f"{key}={path!r} does not exist; give a model folder or a hub id like Qwen/Qwen3-4B")
@@ -91,6 +95,37 @@ def load_model(cfg: ModelConfig, role: str, device: torch.device, setting: str |
     return model.to(device).eval(), tok
 
 
+def _load_adapter(cfg: ModelConfig, path: str, role: str, device: torch.device, key: str):
+    """A PEFT adapter folder (trb's LoRA checkpoints): the base its adapter_config.json names, loaded as any
+    model, the adapter applied with PeftModel.from_pretrained and merged into the weights; the tokenizer is
+    the adapter folder's (trb saves it there)."""
+    import dataclasses
+
+    from trb import lora
+
+    try:
+        base = lora.adapter_base(path)
+        from peft import PeftModel
+    except (ValueError, ImportError) as err:
+        raise ModelLoadError(f"{key}={path!r} is a LoRA adapter: {err}") from None
+    model, tok = load_model(dataclasses.replace(cfg, path=base), role, torch.device("cpu"),
+                            setting=f"{key} (its adapter's base_model_name_or_path)")
+    if any(Path(path).glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        merged = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+    except Exception as err:  # noqa: BLE001 - peft / safetensors raise many types
+        raise ModelLoadError(f"{key}={path!r}: the adapter could not be applied to its base {base!r} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    bad = nonfinite_names(merged)
+    if bad:
+        raise ModelLoadError(f"the {role}'s weights hold NaN or inf after merging the adapter ({bad[0]}): "
+                             f"{key}={path!r} is broken (a checkpoint: use an earlier one)")
+    return merged.to(device).eval(), tok
+
+
 def nonfinite_names(model) -> list[str]:
     """The parameters holding NaN or inf."""
     return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -126,6 +161,26 @@ def check_folder(path: str, key: str) -> None:
         if path.startswith(("toy:",)) or (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
             return
         raise ModelLoadError(f"{key}={path!r} does not exist")
+    from trb import lora
+
+    if lora.is_adapter_folder(folder):  # a LoRA checkpoint: its adapter whole, its base a model folder
+        try:
+            base = lora.adapter_base(folder)
+        except ValueError as err:
+            raise ModelLoadError(f"{key}={path!r}: {err}") from None
+        weights = folder / lora.ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise ModelLoadError(f"{key}={path!r} is a LoRA adapter without {lora.ADAPTER_WEIGHTS}")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as h:
+                h.keys()
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError
+            raise ModelLoadError(f"{key}={path!r}: {weights.name} cannot be read ({str(err).splitlines()[0][:120]})"
+                                 f": the file is truncated or not safetensors") from None
+        check_folder(resolve_path(ModelConfig(path=base), "base"), f"{key} (its adapter's base {base!r})")
+        return
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{key}={path!r} has no config.json: not a model folder")
     files = sorted(folder.glob("*.safetensors"))

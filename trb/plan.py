@@ -224,6 +224,18 @@ def _gb(x: float) -> float:
     return x / GB
 
 
+def lora_params(shape: Shape, lora) -> int:
+    """LoRA parameters of a student of `shape`: rank x (in + out features) per adapted linear of every layer."""
+    h, q, kv, ffn = shape.hidden, shape.q, shape.kv, shape.ffn
+    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, ffn),
+            "up_proj": (h, ffn), "down_proj": (ffn, h)}
+    unknown = [t for t in lora.target_modules if t not in dims]
+    if unknown:
+        raise PlanError(f"lora.target_modules {', '.join(unknown)}: trb plan knows the Qwen3 / Llama projections "
+                        f"({', '.join(dims)}) only")
+    return shape.layers * lora.rank * sum(sum(dims[t]) for t in lora.target_modules)
+
+
 def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape | None = None,
                 teacher: Shape | None = None) -> Plan:
     """The plan of a TrainConfig `cfg` (see the module docstring). world_size / device_gb: 0 takes
@@ -255,17 +267,23 @@ def plan_memory(cfg, world_size: int = 0, device_gb: float = 0.0, student: Shape
 
     # persistent state
     policy_b = b_s if ro.dtype == "auto" else _BYTES[ro.dtype]  # the rollout copy (and its KV caches)
-    base = {"student weights": _gb(s.params * b_s / w), "AdamW state": _gb(2 * s.params * b_s / w)}
+    # trained parameters: every student weight, or (lora.rank > 0) the adapter's, in float32 (PEFT keeps adapters
+    # float32 on a bf16 base), while the base stays resident, frozen
+    trained, b_tr = (lora_params(s, cfg.lora), 4) if cfg.lora.rank else (s.params, b_s)
+    base = {"student weights": _gb(s.params * b_s / w)}
+    if cfg.lora.rank:
+        base[f"LoRA adapter (rank {cfg.lora.rank}, {trained / 1e6:.1f}M params)"] = _gb(trained * b_tr / w)
+    base["AdamW state"] = _gb(2 * trained * b_tr / w)
     if dist or policy_b != b_s:
-        base["rollout copy"] = _gb(s.params * policy_b)
+        base["rollout copy"] = _gb((s.params + (trained if cfg.lora.rank else 0)) * policy_b)
     if dist and cfg.parallel.teacher == "shard":
         head = t.head_params * b_t
         base["teacher weights"] = _gb((t.params * b_t - (0 if t.tied else head)) / w + head)
     else:
         base["teacher weights"] = _gb(t.params * b_t)
-    grads = {"gradients": _gb(s.params * 4 / w)}
+    grads = {"gradients": _gb(trained * 4 / w)}
     if dist and cfg.train.micro_batch_tokens and mb < batch_tokens:  # no reduce-scatter until the last micro-batch
-        grads["unsharded gradients (accumulating)"] = _gb(s.params * 4)
+        grads["unsharded gradients (accumulating)"] = _gb(trained * 4)
     if dist:  # FSDP2 all-gathers the current and the prefetched layer, and the root (embeddings + head)
         gathered = 2 * s.layer_params + s.head_params * (1 if s.tied else 2)
         grads[f"gathered {'bf16' if bf16 else 'fp32'} layers + root"] = _gb((2 if bf16 else b_s) * gathered)

@@ -39,6 +39,7 @@ from trb import distributed, rundir
 from trb.blend import RowNoise, compile_search
 from trb.checkpoint import (CheckpointWriteError, list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
                             truncate_metrics)
+from trb import lora
 from trb.config import LoggerConfig, TrainConfig
 from trb.download import require_cached, train_items
 from trb.data import DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data
@@ -180,6 +181,7 @@ class _Run:
     estimator: Estimator
     engine: object = None  # trb.engine: trb's decoder (hf) or vLLM, for the student-only decodes
     version: tuple = ()  # (this run, optimiser steps taken): which weights the engine must hold
+    adapter: object = None  # lora.rank > 0: the PEFT wrapper of the student's adapter
 
     def tracker_wants_table(self, step: int) -> bool:
         """Rank 0 with W&B or TensorBoard on logs a table of training completions every logger.table_every
@@ -510,6 +512,13 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
             distributed.finish(barrier=ok)
 
 
+def _base_name(cfg: TrainConfig) -> str:
+    """The base model a LoRA checkpoint names (adapter_config.json): a local folder as an absolute path, a hub
+    id as it is."""
+    path = resolve_path(cfg.student, "student")
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+
+
 def train_group(logger: LoggerConfig, run_dir: Path) -> str:
     """A train run's W&B group: logger.group (a sweep's dir name), else the run dir's name, which the evals of
     the run dir (`trb eval checkpoint=RUN_DIR`) join."""
@@ -626,7 +635,13 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     if resume_from is not None:
         check_same_data(Path(resume_from).parent.parent / DATA_FILE, data)
     train_rows, eval_rows = train_sel.rows, eval_sel.rows
-    if resume_from is not None:  # the student's weights come from the checkpoint
+    adapter = None  # lora.rank > 0: the PEFT wrapper of the student's adapter (for saving)
+    if cfg.lora.rank:  # the base from student.path, the adapter fresh or (on resume) the checkpoint's
+        student, tok = load_model(cfg.student, "student", device)
+        adapter = lora.apply_lora(student, cfg.lora, base_path=_base_name(cfg))
+        if resume_from is not None:
+            lora.load_adapter_weights(adapter, resume_from)
+    elif resume_from is not None:  # the student's weights come from the checkpoint
         student, tok = load_model(dataclasses.replace(cfg.student, path=str(resume_from)), "checkpoint", device,
                                  setting="resume")
     else:
@@ -682,8 +697,9 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         distributed.shard(objective, student, getattr(torch, cfg.train.compute_dtype))
         if cfg.parallel.teacher == "shard":
             distributed.shard_frozen(teacher)
-    opt = torch.optim.AdamW(objective.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                            weight_decay=cfg.optim.weight_decay)
+    # (a LoRA student: only the adapter's parameters get gradients and AdamW state)
+    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
     start, skipped_long, evals, state = 0, 0, [], None
     if resume_from is not None:
         state = load_trainer_state(resume_from)
@@ -697,7 +713,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     check_temperature(kind, cfg.eval_decoding.temperature, "eval_decoding.temperature", cfg.eval_decoding.greedy)
     max_len = cfg.engine.max_model_len or cfg.rollout.max_prompt_tokens + max(cfg.rollout.max_new_tokens,
                                                                               cfg.eval_decoding.max_new_tokens)
-    engine = make_engine(kind, policy, str(resume_from) if resume_from is not None else
+    engine = make_engine(kind, policy, str(resume_from) if resume_from is not None and adapter is None else
                          resolve_path(cfg.student, "student"), policy.dtype, cfg.engine, max_len, cfg.seed, device,
                          version=version, trust_remote_code=cfg.student.trust_remote_code,
                          distributed=world.distributed, training=True, setting="student.path", log=log)
@@ -716,7 +732,7 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
                       group=train_group(cfg.logger, run_dir), start_step=start) if world.main else None
     method = Method(cfg.method, cfg.blend, cfg.rollout.temperature, cfg.rollout.draft_k)
     run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, Grader(workers=1), gen, device, method,
-               Estimator.from_config(cfg.loss), engine, version)
+               Estimator.from_config(cfg.loss), engine, version, adapter)
     sft_pool = build_sft_pool(run, train_rows, log) if method.sft(start) else []
     if state is not None:  # after every deterministic rebuild above: the RNG streams as saved
         restore_rng(state)
@@ -746,7 +762,12 @@ def _checkpoint(s: _Session, step: int) -> Path | None:
     run = s.run
     opt_state = distributed.optimizer_state(run.objective, run.opt)  # collective
     model, weights = run.policy, None
-    if not run.world.distributed:
+    if run.adapter is not None:  # LoRA: the adapter in PEFT's format (+ the merged model with lora.save_merged)
+        full = (distributed.full_model_state(run.objective, prefix="student.") if run.world.distributed
+                else run.objective.student.state_dict())  # collective under torchrun
+        merged = dict(lora.plain_weights(run.objective.student)) if run.cfg.lora.save_merged else None  # collective
+        model = lora.AdapterFolder(run.adapter, lora.adapter_state(run.adapter, full), merged, run.tok)
+    elif not run.world.distributed:
         model = run.objective.student
     elif run.policy.dtype != _master_dtype(run):
         weights = distributed.full_model_state(run.objective, prefix="student.")  # collective
