@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo lint toy compare compare-grid bench-deps vllm-deps bench clean
+.PHONY: install test test-slow demo lint toy compare compare-grid bench-deps vllm-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -18,13 +18,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m trb.grading --install  # ANTLR 4.13.2 for the grading workers only (hydra keeps 4.9.3)
 	touch $@
 
-# what CI runs: every test (incl. the real-weights smoke run, which needs bench-deps, and the vLLM engine
-# tests, which need vllm-deps), offline, W&B off
+# the test suite (the README's test command; CI runs it, then test-slow): every test but the long end-to-end
+# runs marked slow, including the vLLM engine tests (vllm-deps), offline, W&B off
 test: install bench-deps vllm-deps
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q --durations=30
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q -m "not slow" --durations=15
 
-test-fast: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q -m "not slow"
+# the long end-to-end runs (torchrun, the real-weights smoke run with bench-deps, the wheel and the README's tour,
+# whole training runs through the CLI): CI runs them after `make test`
+test-slow: install bench-deps vllm-deps
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q -m slow --durations=15
 
 # the main job on the embedded default: distil the toy student from the toy teacher
 demo: install

@@ -385,17 +385,22 @@ class _Watch:
 
 
 @needs_vllm
-def test_train_uses_engine_exactly_when_no_teacher_decodes_and_weights_are_current(toy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_train_uses_engine_exactly_when_no_teacher_decodes_and_weights_are_current(toy, tmp_path, monkeypatch,
+                                                                                   lora_rank):
     """TRB with K = 3: steps 0-2 (eps > 0) on trb's dual-model decoder, steps 3-5 (eps = 0) and every
     periodic eval on vLLM, with the current weights before every engine decode (<= 1e-4); then a
-    resume to step 9 whose engine decodes also see the checkpoint's and later weights."""
-    from trb.config import BlendConfig
+    resume to step 9 whose engine decodes also see the checkpoint's and later weights. With a LoRA
+    student (lora_rank 4) the engine holds the merged weights of the current adapter: its log-probs are
+    the LoRA model's own."""
+    from trb.config import BlendConfig, LoraConfig, OptimConfig
     from trb.train import train
 
     model, tok, stop, path = toy
     _, ids, mask = _problems(tok, 1, seed=9)
     watch = _Watch(monkeypatch, ids[0][mask[0].bool()].tolist() + [19, 15, 25, 31, 22, 14, 223])
-    cfg = _train_cfg(tmp_path / "run", blend=BlendConfig(eps0=0.05, horizon=3), save_every=3)
+    cfg = _train_cfg(tmp_path / "run", blend=BlendConfig(eps0=0.05, horizon=3), save_every=3,
+                     lora=LoraConfig(rank=lora_rank, alpha=8.0), optim=OptimConfig(lr=3e-3 if lora_rank else 3e-4))
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in recs if "loss" in r}
@@ -410,6 +415,12 @@ def test_train_uses_engine_exactly_when_no_teacher_decodes_and_weights_are_curre
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout/engine_vllm"] for r in recs if "loss" in r and r["step"] >= 6] == [1.0, 1.0, 1.0]
     assert len(watch.diffs) == 4 and max(watch.diffs) <= 1e-4, watch.diffs
+    if lora_rank:  # the engine served a trained adapter, not the base
+        from trb import lora
+
+        assert lora.is_lora(watch.model)
+        b = [p for n, p in watch.model.named_parameters() if ".lora_B." in n]
+        assert b and max(float(p.abs().max()) for p in b) > 0
 
 
 @needs_vllm

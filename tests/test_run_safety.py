@@ -168,6 +168,7 @@ def test_resume_never_refuses_a_used_dir_and_overwrite_moves_it_aside(pair, tmp_
         == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_finished_run_rerun_is_a_no_op(pair, tmp_path):
     """The same command again on a finished run: exit 0, "already done", not one byte of the run dir
     changed (no second final eval, checkpoint, W&B upload, Hydra job log or .hydra/ rewrite)."""

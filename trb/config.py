@@ -417,8 +417,8 @@ class LoraConfig:
     target_modules: list[str] = setting(factory=lambda: list(LORA_TARGETS),
                                         doc="linear layers that get an adapter (default: every attention and MLP "
                                             "projection of Qwen3 / Llama-style models)")
-    save_merged: bool = setting(False, "also save each checkpoint's merged weights in <checkpoint>/merged/ (a "
-                                       "plain model folder, as large as the student)")
+    save_merged: bool = setting(False, "also save each checkpoint's merged weights in its merged/ folder (a plain "
+                                       "model folder, as large as the student)")
 
     def __post_init__(self) -> None:
         _finite(self, "lora.")

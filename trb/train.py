@@ -716,7 +716,9 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
     engine = make_engine(kind, policy, str(resume_from) if resume_from is not None and adapter is None else
                          resolve_path(cfg.student, "student"), policy.dtype, cfg.engine, max_len, cfg.seed, device,
                          version=version, trust_remote_code=cfg.student.trust_remote_code,
-                         distributed=world.distributed, training=True, setting="student.path", log=log)
+                         distributed=world.distributed, training=True, setting="student.path", log=log,
+                         # (a resumed LoRA student: the base folder holds other weights, the merged ones are pushed)
+                         weights_from_path=adapter is None or resume_from is None)
     engine.sleep()  # CUDA: nothing of it stays awake until its first decode (the sync then pushes the weights)
     if world.main:  # the first write into the run dir
         moved = claim.commit()
