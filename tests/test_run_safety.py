@@ -183,6 +183,32 @@ def test_a_finished_run_rerun_is_a_no_op(pair, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+def test_an_abandoned_extension_is_not_already_done_and_old_configs_resume(pair, tmp_path):
+    """A finished run whose extension (steps raised) died before its next checkpoint, re-run with the old
+    steps: not "already done" (the extension's records and config are there): it resumes, dropping them.
+    A train_config.json saved before a section existed (here lora) resumes as if it held the defaults."""
+    from trb.train import train
+
+    run = tmp_path / "run"
+    train(config(pair, steps=2), run, log=quiet)
+    saved = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**saved, "steps": 4}))  # the extension's record...
+    with (run / "metrics.jsonl").open("a") as f:  # ... and a step it logged before dying
+        f.write(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    out = train(config(pair, steps=2), run, log=quiet)
+    assert not out.get("already_done") and out["resumed_from"].endswith("step_000002")
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 2
+    assert all(r["step"] <= 2 and r.get("loss") != 1.0 for r in map(json.loads, (run / "metrics.jsonl")
+                                                                    .read_text().splitlines()))
+    done = train(config(pair, steps=2), run, log=quiet)
+    assert done["already_done"]
+    saved = json.loads((run / "train_config.json").read_text())
+    del saved["lora"]  # a run dir from before LoRA existed
+    (run / "train_config.json").write_text(json.dumps(saved))
+    out = train(config(pair, steps=3), run, log=quiet)
+    assert out["resumed_from"].endswith("step_000002")
+
+
 def test_resume_path_with_later_checkpoints_is_refused(pair, tmp_path):
     from trb.train import train
 

@@ -90,7 +90,10 @@ def share_like_umask(folder: Path) -> None:
     mode = 0o666 & ~_umask()
     for p in Path(folder).rglob("*"):
         if p.is_file():
-            os.chmod(p, mode)
+            try:
+                os.chmod(p, mode)
+            except OSError:  # a file system without modes (some FUSE / CIFS / object-store mounts): as written
+                return
 
 
 def checkpoint_step(path) -> int | None:
@@ -169,7 +172,7 @@ _RESUMABLE_IGNORED = ("resume", "overwrite", "keep_last", "log_every", "save_eve
                       "device", "parallel", "train", "plan", "eval_overlap")
 # ... and inside sections: how rollouts are decoded (the same tokens: per-row noise) and evaluated
 _RESUMABLE_IGNORED_FIELDS = {"rollout": ("max_rows", "dtype", "static_cache", "compile_step", "compile_search"),
-                             "eval_decoding": ("batch",)}
+                             "eval_decoding": ("batch",), "lora": ("save_merged",)}
 
 
 def _comparable(config: dict) -> dict:

@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperCommand
 
 from trb import __version__
-from trb.errors import RunStopped, UserError, has_started
+from trb.errors import RunStopped, UserError, has_started, was_nothing_done
 
 # One thread is several times faster than torch's default on small models on 2-vCPU machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -162,7 +162,7 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             task(cfg, run_dir)
-            if not multirun and not has_started() and _rank() == 0 and before is not None:
+            if not multirun and was_nothing_done() and _rank() == 0 and before is not None:
                 before.restore()  # it wrote nothing (a finished run, re-run): nor does Hydra's job log
         except UserError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -389,8 +389,8 @@ def _maybe_help(command: str, conf_name: str, schema, args: list[str]) -> None:
     """--help / -h: this command's groups and every setting with its value and doc (trb.helptext);
     Hydra's own flags stay under --hydra-help."""
     if any(a in ("-sc", "--shell-completion") or a.startswith(("-sc=", "--shell-completion=")) for a in args):
-        typer.echo("error: shell completion is not supported (Hydra's completion script does not reach trb's "
-                   "Typer commands); `trb <command> --help` lists the groups and settings", err=True)
+        typer.echo("error: Hydra's -sc does not reach trb's commands: `trb --install-completion` installs trb's "
+                   "own completion (commands, every key=, every group=option)", err=True)
         raise typer.Exit(code=2)
     if not any(a in ("--help", "-h") for a in args):
         return

@@ -24,3 +24,16 @@ def started() -> None:
 
 def has_started() -> bool:
     return _STARTED[0]
+
+
+_NOTHING_DONE = [False]
+
+
+def nothing_done() -> None:
+    """Mark that this process's command found its work already done (a finished run re-run) and wrote
+    nothing: the CLI then puts back what Hydra wrote into the run dir (.hydra/, the job log)."""
+    _NOTHING_DONE[0] = True
+
+
+def was_nothing_done() -> bool:
+    return _NOTHING_DONE[0]

@@ -30,12 +30,14 @@ from trb.tracking import Tracker
 
 
 def resolve_checkpoints(spec) -> list[str]:
-    """A model folder, a run dir (its checkpoints/step_* in order), toy:*, a hub id, or a list of these."""
+    """A model folder (a LoRA adapter folder too), a run dir (its checkpoints/step_* in order), toy:*, a hub id,
+    or a list of these."""
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     out: list[str] = []
     for item in items:
         p = Path(str(item)).expanduser()
-        if p.is_dir() and ((p / "checkpoints").is_dir() or not (p / "config.json").exists()):
+        if p.is_dir() and ((p / "checkpoints").is_dir() or not ((p / "config.json").exists()
+                                                                 or is_adapter_folder(p))):
             ckpts = list_checkpoints(p)
             if not ckpts:
                 raise ModelLoadError(f"checkpoint={item!r} is a folder with neither a model (config.json) nor "
@@ -240,7 +242,8 @@ def _evaluate_all(cfg: EvalConfig, out_dir: Path, checkpoints: list[str], rows: 
             if tracker is None:
                 trained = train_runs_of(checkpoints)
                 tracker = Tracker(cfg.logger, out_dir, {**dataclasses.asdict(cfg), "train_run": trained},
-                                  name=out_dir.name, group=trained["group"] if trained else None)
+                                  name=out_dir.name,
+                                  group=cfg.logger.group or (trained["group"] if trained else None))
             if too_long:
                 log(f"warning: {too_long} of {len(rows)} problems have prompts over max_prompt_tokens="
                     f"{cfg.max_prompt_tokens} tokens and are skipped (eval/skipped_too_long)")

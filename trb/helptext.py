@@ -180,13 +180,14 @@ def complete_overrides(conf_dir: Path, conf_name: str, schema, words: list[str],
     from omegaconf import OmegaConf
 
     primary = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{conf_name}.yaml"), resolve=False)
-    groups = {target: options for target, _, options in _groups(conf_dir, primary)}
-    for entry in primary.get("defaults", []):  # `group@target=` is how an unset optional group is chosen
+    groups = {}  # the key a command line uses: `group`, or `group@target` for a group placed under another name
+    for entry in primary.get("defaults", []):
         if isinstance(entry, dict):
             (key, _), = entry.items()
             key = key.removeprefix("optional ")
-            if "@" in key and key.split("@")[-1] in groups:
-                groups[key] = groups[key.split("@")[-1]]
+            group = key.split("@")[0]
+            if not group.startswith(("override ", "hydra")) and (conf_dir / group).is_dir():
+                groups[key] = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
     if "=" in incomplete:
         key, value = incomplete.split("=", 1)
         return [f"{key}={o}" for o in groups.get(key, []) if o.startswith(value)]

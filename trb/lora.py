@@ -44,6 +44,8 @@ def apply_lora(model: torch.nn.Module, lora, base_path: str | None = None):
                          f"linear layers: {', '.join(sorted(names))})")
     wrapper = peft.get_peft_model(model, peft_config(lora, base_path))
     assert wrapper.get_base_model() is model
+    if base_path is not None:  # PEFT records the path as the model was loaded (maybe relative): the base as named
+        wrapper.peft_config["default"].base_model_name_or_path = base_path
     return wrapper
 
 
@@ -164,7 +166,11 @@ def load_adapter_weights(wrapper, folder) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(wrapper, state)
+    try:
+        result = set_peft_model_state_dict(wrapper, state)
+    except RuntimeError as err:  # tensors of another shape: another rank
+        raise ValueError(f"{folder}: its adapter does not fit the run's lora settings (lora.rank / "
+                         f"lora.target_modules): {str(err).splitlines()[0][:160]}") from None
     missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
     if missing:
         raise ValueError(f"{folder}: the adapter lacks {len(missing)} LoRA tensors the run's lora settings need "

@@ -106,8 +106,11 @@ def _load_adapter(cfg: ModelConfig, path: str, role: str, device: torch.device, 
     try:
         base = lora.adapter_base(path)
         from peft import PeftModel
-    except (ValueError, ImportError) as err:
+    except ValueError as err:
         raise ModelLoadError(f"{key}={path!r} is a LoRA adapter: {err}") from None
+    except ImportError:
+        raise ModelLoadError(f"{key}={path!r} is a LoRA adapter, which needs the peft package: pip install "
+                             f"'trb[lora]'") from None
     model, tok = load_model(dataclasses.replace(cfg, path=base), role, torch.device("cpu"),
                             setting=f"{key} (its adapter's base_model_name_or_path)")
     if any(Path(path).glob("tokenizer*")):

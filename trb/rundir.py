@@ -32,7 +32,8 @@ from trb.checkpoint import _comparable, checkpoint_step, list_checkpoints
 from trb.errors import UserError, started
 
 LOCK = ".trb.lock"
-RUN_FILES = ("train_config.json", "data.json", "metrics.jsonl", "summary.json", "checkpoints", "wandb", "wandb_run_id")
+RUN_FILES = ("train_config.json", "data.json", "metrics.jsonl", "summary.json", "checkpoints", "wandb", "wandb_run_id",
+             "tensorboard")
 
 
 class RunDirError(UserError):
@@ -115,10 +116,29 @@ def _run_files(run_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (run_dir / name).exists()]
 
 
+def _records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn line: resume handles it
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def _config_diff(saved: dict, now: dict, last_step: int) -> list[str]:
     """Keys in which two run configs differ (ignoring the resumable knobs); a raised `steps` is an
-    extension, not a difference, when the lr schedule does not depend on it."""
+    extension, not a difference, when the lr schedule does not depend on it. A section a run saved
+    before it existed (e.g. lora) counts as its default."""
     saved, now = _comparable(saved), _comparable(now)
+    from trb.config import TrainConfig
+
+    defaults = _comparable(json.loads(json.dumps(dataclasses.asdict(TrainConfig()))))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in now}, **saved}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     # `steps` may move (an extension, or back after a failed one) as long as no checkpoint lies beyond it
     # and the lr schedule does not depend on it
@@ -283,12 +303,14 @@ def _decide(cfg, c: Claim) -> None:
         c.resume_from = path
         return
     c.resume_from = ckpts[-1] if ckpts else None
-    if ckpts and last == cfg.steps and (run_dir / "summary.json").exists():
+    if ckpts and last == cfg.steps and saved.get("steps") == cfg.steps and (run_dir / "summary.json").exists():
         try:
             summary = json.loads((run_dir / "summary.json").read_text())
+            beyond = any(r.get("step", 0) > cfg.steps for r in _records(run_dir / "metrics.jsonl"))
         except (OSError, ValueError):
             summary = None  # unreadable: the final step is redone, which rewrites it
-        if isinstance(summary, dict) and summary.get("steps") == cfg.steps:
+        # (records past the last step: an extension was started and abandoned; the resume drops them)
+        if isinstance(summary, dict) and summary.get("steps") == cfg.steps and not beyond:
             c.done = summary  # finished: the final eval, checkpoint and summary exist
             return
     c.reset_metrics = not ckpts  # the same run, killed before its first checkpoint: its records are redone

@@ -83,6 +83,15 @@ class Tracker:
                     warnings.warn(f"W&B init failed ({err}); continuing with metrics.jsonl only", stacklevel=2)
                     self.run = None
 
+    def replay(self, record: dict) -> None:
+        """A kept metrics.jsonl record at a resumed run's first step, again into TensorBoard (whose purge on
+        resume drops every event from that step on, the eval the checkpoint kept included)."""
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, float(v), global_step=record["step"])
+            self.tb.flush()
+
     @property
     def wants_tables(self) -> bool:
         """Whether tables go anywhere (W&B or TensorBoard on)."""
@@ -164,7 +173,7 @@ def _tensorboard(log_dir: Path, start_step: int | None):
     except ImportError as err:  # LoggerConfig checks the package first; a broken install still says what
         raise UserError(f"logger.kind=tensorboard: {err}; pip install 'trb[tensorboard]' or use "
                         f"logger.kind=wandb|none") from None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step)
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:

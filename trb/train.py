@@ -45,7 +45,7 @@ from trb.download import require_cached, train_items
 from trb.data import DATA_FILE, check_same_data, data_record, fit_prompts, render, select_data
 from trb.diagnostics import effective_temperature, rollout_metrics
 from trb.distributed import World
-from trb.errors import RunStopped
+from trb.errors import RunStopped, nothing_done
 from trb.rundir import Claim
 from trb.evaluate import aggregate, decode_completions, encode_prompts, evaluate
 from trb.grading import Grader
@@ -487,6 +487,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, log=print) -> dict:
         claim = claim_run_dir(cfg, world, Path(run_dir))
         if claim.done is not None:
             claim.release()
+            nothing_done()
             summary = claim.done
             log(f"already done: {run_dir} finished all {cfg.steps} steps (accuracy {summary.get('accuracy_before')} "
                 f"-> {summary.get('accuracy_after')}; checkpoint {summary.get('checkpoint')}); nothing was run or "
@@ -732,6 +733,10 @@ def build(cfg: TrainConfig, world: World, run_dir: Path, claim: Claim, log) -> _
         log(f"resuming from {resume_from} (step {start})")
     tracker = Tracker(cfg.logger, run_dir, dataclasses.asdict(cfg), name=run_dir.name,
                       group=train_group(cfg.logger, run_dir), start_step=start) if world.main else None
+    if tracker is not None:
+        for rec in evals:
+            if rec["step"] >= start:  # the eval at the resumed step, logged before its checkpoint
+                tracker.replay(rec)
     method = Method(cfg.method, cfg.blend, cfg.rollout.temperature, cfg.rollout.draft_k)
     run = _Run(cfg, world, objective, policy, teacher, tok, opt, stop, Grader(workers=1), gen, device, method,
                Estimator.from_config(cfg.loss), engine, version, adapter)
@@ -767,7 +772,12 @@ def _checkpoint(s: _Session, step: int) -> Path | None:
     if run.adapter is not None:  # LoRA: the adapter in PEFT's format (+ the merged model with lora.save_merged)
         full = (distributed.full_model_state(run.objective, prefix="student.") if run.world.distributed
                 else run.objective.student.state_dict())  # collective under torchrun
-        merged = dict(lora.plain_weights(run.objective.student)) if run.cfg.lora.save_merged else None  # collective
+        merged = None
+        if run.cfg.lora.save_merged:  # every rank iterates (all-gathers are collectives); rank 0 keeps, on the CPU
+            merged = {}
+            for name, tensor in lora.plain_weights(run.objective.student):
+                if run.world.main:
+                    merged[name] = tensor.cpu()
         model = lora.AdapterFolder(run.adapter, lora.adapter_state(run.adapter, full), merged, run.tok)
     elif not run.world.distributed:
         model = run.objective.student
