@@ -320,6 +320,18 @@ def test_tensorboard_gets_scalars_tables_and_the_checkpoint(pair, tmp_path):
     assert table.startswith("| step | prompt | completion | gold | extracted | reward | mean_beta |")
     ckpt = acc.Tensors("checkpoint/text_summary")[0].tensor_proto.string_val[0].decode()
     assert ckpt.endswith("checkpoints/step_000002")
+    # extended to 3 steps: the resumed run purges from step 2 and replays the eval kept there; each step once
+    r = _cli(["train", f"student.path={s}", f"teacher.path={t}", "steps=3", "prompts_per_step=2", "rollout.n=1",
+              "rollout.max_new_tokens=6", "eval_every=0", "dataset.eval_size=2", "logger.table_every=1",
+              "logger.kind=tensorboard", f"output_dir={out}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("loss")] == [x["step"] for x in records if "loss" in x] == [0, 1, 2]
+    assert [(e.step, e.value) for e in acc.Scalars("eval/accuracy")] == [
+        (x["step"], pytest.approx(x["eval/accuracy"])) for x in records if "eval/accuracy" in x]
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 2, 3]
 
 
 def test_under_a_terminal_a_bar_and_lines_above_it(pair, tmp_path):

@@ -42,7 +42,11 @@ def apply_lora(model: torch.nn.Module, lora, base_path: str | None = None):
     if missing:
         raise ValueError(f"lora.target_modules: {', '.join(missing)} match no linear layer of the student (its "
                          f"linear layers: {', '.join(sorted(names))})")
-    wrapper = peft.get_peft_model(model, peft_config(lora, base_path))
+    import warnings
+
+    with warnings.catch_warnings():  # PEFT renames the base to the path the model was loaded from: reset below
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed")
+        wrapper = peft.get_peft_model(model, peft_config(lora, base_path))
     assert wrapper.get_base_model() is model
     if base_path is not None:  # PEFT records the path as the model was loaded (maybe relative): the base as named
         wrapper.peft_config["default"].base_model_name_or_path = base_path
