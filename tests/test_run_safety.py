@@ -292,8 +292,11 @@ def test_two_concurrent_runs_one_refused(pair, tmp_path):
     args = [sys.executable, "-m", "trb", "train", *_args(pair, out)]
     # its output goes to a file: an unread pipe fills up and blocks the run (then Ctrl-C cannot end it)
     console = (tmp_path / "first.out").open("w")
+    # Ctrl-C as in a terminal: SIGINT's default disposition (a shell's background job, e.g. CI started with `&`,
+    # passes SIGINT ignored to its children, and Python then never raises KeyboardInterrupt)
     first = subprocess.Popen([a if not a.startswith("steps=") else "steps=100000" for a in args], cwd=tmp_path,
-                             env=env, stdout=console, stderr=subprocess.STDOUT, text=True)
+                             env=env, stdout=console, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120  # until the first run is inside its training loop
         while time.time() < deadline and not (
