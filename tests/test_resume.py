@@ -105,10 +105,10 @@ def test_wandb_resumes_the_same_run_id(pair, tmp_path):
     from helpers import cli
 
     s, t = pair
-    args = ["train", f"student.path={s}", f"teacher.path={t}", "steps=2", "prompts_per_step=2", "rollout.n=1",
+    args = ["train", f"student.path={s}", f"teacher.path={t}", "prompts_per_step=2", "rollout.n=1",
             "rollout.max_new_tokens=6", "dataset.eval_size=2", "dataset.train_size=10", f"output_dir={tmp_path / 'r'}"]
-    for _ in range(2):
-        r = cli(args, cwd=tmp_path, wandb_mode="offline")
+    for steps in (2, 3):  # the finished run, then extended (a resume: the same W&B run continues)
+        r = cli([*args, f"steps={steps}"], cwd=tmp_path, wandb_mode="offline")
         assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "r" / "wandb_run_id").read_text()
