@@ -10,6 +10,8 @@ is stale and taken over) and decides where the run starts:
   decoding knobs of checkpoint._RESUMABLE_IGNORED; `steps` may be raised to extend it) continues
   from its last checkpoint (resume=auto) or from one of its checkpoints (resume=PATH, when no
   later one exists); anything else is refused naming the keys that differ, resume=never included;
+  the same run already finished (its last checkpoint at `steps`, summary.json written, no record
+  beyond) is done: Claim.done holds its summary and nothing is run or written;
 - run files without a train_config.json: refused (trb cannot tell whose they are).
 
 overwrite=true moves the old run's files aside to a sibling `<run dir>.replaced-<time>/` and starts
