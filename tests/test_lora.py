@@ -59,14 +59,6 @@ def _merged_reference(student, lora_model):
     return ref, leaves
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    student, tok = tiny_model(scale=3.0)
-    teacher, _ = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
-    return student.double(), teacher.double(), tok
-
-
 def _adapter_grads(run, ro, names):
     from trb.losses import Target
     from trb.train import distill_loss, update

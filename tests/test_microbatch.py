@@ -66,14 +66,6 @@ class Capture(torch.optim.Optimizer):
         self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    student, tok = tiny_model(scale=3.0)
-    teacher, _ = tiny_model(eos="<|im_end|>", hidden=48, seed=1, scale=3.0)
-    return student.double(), teacher.double(), tok
-
-
 def _stop(tok, teacher):
     return StopSpec(stop_ids=[tok.eos_token_id, teacher.config.eos_token_id], emit_id=tok.eos_token_id,
                     pad_id=tok.pad_token_id)
